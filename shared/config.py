@@ -1,0 +1,235 @@
+"""Run configuration: every knob defined once, with its type, default, check and meaning.
+
+The table `KNOBS` is the single source of truth. `pyproject.toml`'s
+`[tool.flwr.app.config]` (the defaults Flower hands to the ServerApp and ClientApp)
+must equal `defaults()`; a test keeps them in step. Run configs in `configs/*.toml`
+are flat `key = value` overrides of these defaults and are validated here, before
+any round starts, with one-line errors that name the file, the key and the fix.
+
+What is *not* here: a hospital's own settings (its data, its privacy budget, its
+state directory). Those belong to the hospital's node config (`client/node.py`) and
+the server cannot override them.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+Value = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: Value
+    help: str
+    check: Callable[[Any], bool] = lambda v: True
+    requirement: str = ""
+
+
+def _positive(v: float) -> bool:
+    return v > 0 and math.isfinite(v)
+
+
+def _nonnegative(v: float) -> bool:
+    return v >= 0 and math.isfinite(v)
+
+
+def _fraction(v: float) -> bool:
+    return 0 <= v < 1
+
+
+KNOBS: tuple[Knob, ...] = (
+    # --- what is trained
+    Knob("model", "cgan", "GAN family: cgan (class-conditional DCGAN).",
+         lambda v: v in ("cgan",), "one of: cgan"),
+    Knob("image-size", 28, "Side of the square single-channel images, pixels.",
+         lambda v: v in (28, 64), "28 or 64"),
+    Knob("class-names", "normal,pneumonia",
+         "Public label names, comma-separated, in label-index order.",
+         lambda v: len([c for c in v.split(",") if c.strip()]) >= 1
+         and len(set(c.strip() for c in v.split(","))) == len(v.split(",")),
+         "a comma-separated list of distinct names"),
+    Knob("latent-dim", 64, "Generator noise dimension.", _positive, "> 0"),
+    Knob("g-width", 32, "Generator base channel width.", _positive, "> 0"),
+    Knob("d-width", 32, "Discriminator base channel width.", _positive, "> 0"),
+    # --- federation
+    Knob("num-rounds", 10, "Federated rounds.", _positive, "> 0"),
+    Knob("num-hospitals", 3, "Simulation: number of hospitals (SuperNodes).",
+         _positive, "> 0"),
+    Knob("min-hospitals", 1,
+         "Fewest hospitals that may train a round; below it the run stops cleanly.",
+         _positive, "> 0"),
+    Knob("g-ema-decay", 0.5,
+         "Server-side EMA of the aggregated generator over rounds (post-processing).",
+         _fraction, "in [0, 1)"),
+    # --- local training (per round, per hospital)
+    Knob("local-d-steps", 20, "DP discriminator steps per round per hospital.",
+         _positive, "> 0"),
+    Knob("d-steps-per-g-step", 2, "Discriminator steps per generator step.",
+         _positive, "> 0"),
+    Knob("batch-size", 128, "Expected Poisson batch size of real images (q = B / n).",
+         _positive, "> 0"),
+    Knob("lr-d", 2e-4, "Discriminator Adam learning rate.", _positive, "> 0"),
+    Knob("lr-g", 2e-4, "Generator Adam learning rate.", _positive, "> 0"),
+    # --- differential privacy (the federation's plan; each hospital's own budget caps it)
+    Knob("target-epsilon", 10.0,
+         "Epsilon each hospital reaches at the end of all rounds (noise is calibrated to it).",
+         _positive, "> 0"),
+    Knob("target-delta", 1e-5, "Delta; each hospital uses min(target-delta, 1/n).",
+         lambda v: 0 < v < 1, "in (0, 1)"),
+    Knob("max-grad-norm", 1.0, "Per-sample gradient clipping norm C.", _positive, "> 0"),
+    Knob("noise-multiplier", 0.0,
+         "Gaussian noise multiplier; 0 = calibrate to target-epsilon over the whole run.",
+         _nonnegative, ">= 0"),
+    # --- augmentation of real images (per sample, before clipping)
+    Knob("augment-rotate", 5.0, "Max random rotation, degrees (0 = off).", _nonnegative, ">= 0"),
+    Knob("augment-flip", False, "Random horizontal flip (off for chest X-rays: laterality).",
+         lambda v: isinstance(v, bool), "true or false"),
+    Knob("augment-zoom", 0.05, "Max random zoom, fraction (0 = off).", _fraction, "in [0, 1)"),
+    Knob("augment-intensity", 0.05, "Max random intensity scaling, fraction (0 = off).",
+         _fraction, "in [0, 1)"),
+    # --- simulation data (deployment hospitals set their data in their node config)
+    Knob("data-path", "data/pneumoniamnist.npz",
+         "Simulation: MedMNIST .npz split across the simulated hospitals.",
+         lambda v: bool(v), "a path"),
+    Knob("partition", "dirichlet", "Simulation: iid or dirichlet (label skew).",
+         lambda v: v in ("iid", "dirichlet"), "iid or dirichlet"),
+    Knob("dirichlet-alpha", 0.5, "Simulation: Dirichlet concentration (smaller = more skew).",
+         _positive, "> 0"),
+    Knob("sim-hospital-epsilon", 0.0,
+         "Simulation: every simulated hospital's own epsilon budget (0 = target-epsilon).",
+         _nonnegative, ">= 0"),
+    # --- outputs
+    Knob("output-dir", "outputs/run", "Server: checkpoints, sample grids and the release.",
+         lambda v: bool(v), "a path"),
+    Knob("samples-per-class", 100, "Release: synthetic images per class.", _positive, "> 0"),
+    Knob("resume", False, "Server: continue from the last checkpoint in output-dir.",
+         lambda v: isinstance(v, bool), "true or false"),
+    Knob("stop-after-round", 0,
+         "Server: stop (as if crashed) after this round's checkpoint; 0 = never.",
+         _nonnegative, ">= 0"),
+    Knob("seed", 0, "Seed for model init, partitioning, sampling and noise.",
+         _nonnegative, ">= 0"),
+)
+
+_BY_NAME = {k.name: k for k in KNOBS}
+
+
+def defaults() -> dict[str, Value]:
+    return {k.name: k.default for k in KNOBS}
+
+
+def validate(values: dict[str, Any], source: str = "config") -> dict[str, Value]:
+    """Check and complete a flat config: unknown keys, wrong types, out-of-range values.
+
+    Returns the defaults overridden by `values`. Raises ConfigError with one line
+    naming `source`, the key and what is expected.
+    """
+    out = defaults()
+    for key, value in values.items():
+        knob = _BY_NAME.get(key)
+        if knob is None:
+            close = [n for n in _BY_NAME if n.split("-")[0] == key.split("-")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+        expected = type(knob.default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if type(value) is not expected:
+            raise ConfigError(
+                f"{source}: {key} = {value!r}: expected {expected.__name__}"
+                f" ({knob.requirement or knob.help})"
+            )
+        if not knob.check(value):
+            raise ConfigError(f"{source}: {key} = {value!r}: must be {knob.requirement}")
+        out[key] = value
+    if out["min-hospitals"] > out["num-hospitals"]:
+        raise ConfigError(
+            f"{source}: min-hospitals = {out['min-hospitals']} exceeds "
+            f"num-hospitals = {out['num-hospitals']}"
+        )
+    return out
+
+
+def load_toml(path: Path) -> dict[str, Value]:
+    """Read a run config file (flat `key = value` overrides) and validate it."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    nested = [k for k, v in raw.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"{path}: tables are not allowed ([{nested[0]}]); use flat keys")
+    return validate(raw, str(path))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Typed view of a validated flat config (what the server and clients read)."""
+
+    model: str
+    image_size: int
+    class_names: tuple[str, ...]
+    latent_dim: int
+    g_width: int
+    d_width: int
+    num_rounds: int
+    num_hospitals: int
+    min_hospitals: int
+    g_ema_decay: float
+    local_d_steps: int
+    d_steps_per_g_step: int
+    batch_size: int
+    lr_d: float
+    lr_g: float
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+    noise_multiplier: float
+    augment_rotate: float
+    augment_flip: bool
+    augment_zoom: float
+    augment_intensity: float
+    data_path: str
+    partition: str
+    dirichlet_alpha: float
+    sim_hospital_epsilon: float
+    output_dir: str
+    samples_per_class: int
+    resume: bool
+    stop_after_round: int
+    seed: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any], source: str = "run config") -> "RunConfig":
+        # Flower adds keys of its own to nothing here, but a run config may carry
+        # only the knobs above: anything else is a mistake worth refusing.
+        flat = validate(dict(values), source)
+        kwargs: dict[str, Any] = {k.replace("-", "_"): v for k, v in flat.items()}
+        kwargs["class_names"] = tuple(c.strip() for c in flat["class-names"].split(","))
+        return cls(**kwargs)
+
+    def to_flat(self) -> dict[str, Value]:
+        out: dict[str, Value] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = ",".join(v) if f.name == "class_names" else v
+        return out
