@@ -12,6 +12,8 @@ in part.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
@@ -71,3 +73,23 @@ def unpack(record: ArrayRecord, networks: dict[str, nn.Module]) -> None:
         loaded[name][key] = torch.from_numpy(value.copy())
     for name, net in networks.items():
         net.load_state_dict(loaded[name], strict=False)
+
+
+def digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of a set of named arrays, independent of dict order and of Flower's encoding.
+
+    Hashes, for each key in sorted order: the key, dtype, shape and the C-order bytes.
+    The client puts this digest of the update it sends into its signed ledger entry; the
+    server computes it of the update it received; the auditor compares the two.
+    """
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def record_digest(record: ArrayRecord) -> str:
+    """`digest` of an ArrayRecord as received."""
+    return digest({k: record[k].numpy() for k in record.keys()})

@@ -1,0 +1,147 @@
+"""The hospital's Flower ClientApp: one DP training round per `train` message.
+
+    receive global weights + (run id, round)
+    load this hospital's images (cached on the node), calibrate sigma for the run plan
+    budget check: epsilon after this round's steps > the hospital's own epsilon? -> refuse
+    train (client/train.py), pack weights, digest them
+    append a signed entry to the ledger and fsync it        <- spend counted here
+    reply: weights, scalar metrics, the signed ledger entry
+
+What leaves the node: model weights (outputs of DP-SGD), the public dataset size as the
+FedAvg weight, losses on *generated* images only, privacy parameters, and the signed
+ledger entry (numbers, hashes, the hospital's name). No pixel, label, file name or
+realised Poisson batch size. The discriminator's loss on real images would be a
+statistic of the hospital's data, so it is not sent (`d-loss-fake` is sent instead).
+
+The hospital's budget (epsilon, delta) comes from its node config and is enforced here:
+whatever the server's run config says, the node never trains past it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import ledger as ledger_mod
+from client.data import HospitalData, load_hospital
+from client.node import Hospital
+from client.train import DPPlan, calibrate_noise, sample_rate, train_round
+from shared import models, weights
+from shared.config import RunConfig
+
+log = logging.getLogger("fedsynth.client")
+
+STATUS_OK = "ok"
+STATUS_BUDGET = "budget-exhausted"
+PURPOSE_TRAIN = "train-discriminator"
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_data(hospital: Hospital, cfg: RunConfig, stamp: tuple) -> HospitalData:
+    return load_hospital(hospital, cfg)
+
+
+def hospital_data(hospital: Hospital, cfg: RunConfig) -> HospitalData:
+    """Load once per process; reload if the data file changes."""
+    try:
+        st = hospital.data_path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = ()
+    return _cached_data(hospital, cfg, stamp)
+
+
+def privacy_delta(hospital: Hospital, dataset_size: int) -> float:
+    """The hospital's delta, never above 1/n."""
+    return min(hospital.delta_budget, 1.0 / dataset_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _noise(cfg: RunConfig, n: int, delta: float) -> float:
+    return calibrate_noise(cfg, n, cfg.target_epsilon, delta)
+
+
+def plan_round(hospital: Hospital, cfg: RunConfig, n: int) -> tuple[DPPlan, float]:
+    """This round's mechanism: sigma reaches target-epsilon after all the run's steps."""
+    delta = privacy_delta(hospital, n)
+    plan = DPPlan(noise_multiplier=_noise(cfg, n, delta), sample_rate=sample_rate(cfg, n),
+                  steps=cfg.local_d_steps, max_grad_norm=cfg.max_grad_norm, dataset_size=n)
+    return plan, delta
+
+
+def train_reply(content: RecordDict, run_config: dict, node_config: dict,
+                node_id: int = 0) -> RecordDict:
+    """The train handler without Flower's runtime around it (tests call it directly)."""
+    cfg = RunConfig.from_flat(run_config)
+    hospital = Hospital.from_node_config(node_config, cfg, node_id)
+    instruction = content["config"]
+    run_id, rnd = str(instruction["run-id"]), int(instruction["round"])
+
+    data = hospital_data(hospital, cfg)
+    n = len(data)
+    plan, delta = plan_round(hospital, cfg, n)
+    ledger = ledger_mod.Ledger(hospital.state_dir, hospital.hospital_id)
+    step = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+    spent_before = ledger.epsilon(delta)
+    eps_after = ledger.epsilon_after([step], delta)
+    common = {"delta": delta, "budget-epsilon": hospital.epsilon_budget,
+              "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate}
+    if eps_after > hospital.epsilon_budget:
+        log.warning("%s: round %d would reach epsilon %.3f > budget %.3f; not training",
+                    hospital.hospital_id, rnd, eps_after, hospital.epsilon_budget)
+        return RecordDict({
+            "status": ConfigRecord({"status": STATUS_BUDGET,
+                                    "hospital-id": hospital.hospital_id}),
+            "metrics": MetricRecord({"epsilon": spent_before,
+                                     "epsilon-next": eps_after, **common}),
+        })
+
+    nets = models.build(cfg)
+    weights.unpack(content["weights"], nets)
+    seed = ledger_mod.node_seed(hospital.state_dir, run_id, rnd, cfg.seed)
+    stats, hist = train_round(nets["generator"], nets["discriminator"], data, cfg, plan,
+                              seed=seed, accountant_history=ledger.history())
+    added = sum(s for _, _, s in hist) - sum(s for _, _, s in ledger.history())
+    if added != plan.steps:
+        raise RuntimeError(f"accountant saw {added} steps, the plan says {plan.steps}")
+
+    arrays = weights.to_numpy(nets)
+    entry = ledger.append(
+        run_id=run_id, round=rnd, mechanism="subsampled-gaussian", purpose=PURPOSE_TRAIN,
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+        steps=plan.steps, max_grad_norm=plan.max_grad_norm, dataset_size=n, delta=delta,
+        budget_epsilon=hospital.epsilon_budget, weights_sha256=weights.digest(arrays),
+    )
+    log.info("%s: round %d trained, epsilon %.3f of %.3f", hospital.hospital_id, rnd,
+             entry["epsilon"], hospital.epsilon_budget)
+    return RecordDict({
+        "weights": weights.pack(nets),
+        "metrics": MetricRecord({
+            "num-examples": n,
+            "d-loss-fake": stats.d_loss_fake,
+            "g-loss": stats.g_loss,
+            "epsilon": entry["epsilon"],
+            "steps": plan.steps,
+            "g-steps": stats.g_steps,
+            **common,
+        }),
+        "status": ConfigRecord({"status": STATUS_OK, "hospital-id": hospital.hospital_id}),
+        "ledger": ConfigRecord({
+            "entry": json.dumps(entry, sort_keys=True),
+            "public-key": ledger_mod.public_key_pem(ledger.public_key),
+        }),
+    })
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    content = train_reply(msg.content, dict(context.run_config), dict(context.node_config),
+                          context.node_id)
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,203 @@
+"""The coordinator's round loop: FedAvg over hospitals, checkpoints, budgets, release.
+
+    start from a fresh model (seeded) or the newest checkpoint (resume)
+    for each round:
+        send global weights + (run id, round) to every hospital still in the run
+        for each reply:
+            error              -> logged; the round goes on without it
+            budget-exhausted   -> logged; the hospital is dropped from later rounds
+            trained            -> weights checked (keys, shapes, dtypes, finite values;
+                                  digest equal to the one in its signed ledger entry),
+                                  folded into FedAvg weighted by declared dataset size
+        fewer than min-hospitals trained -> stop cleanly (release what exists)
+        aggregate; EMA of the generator; checkpoint; sample grid
+    release (server/release.py)
+
+The server never sees a hospital's data or its budget settings beyond what the
+hospital reports; it cannot make a hospital train past its own budget (the hospital's
+node enforces that), it can only stop asking.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from client.app import STATUS_BUDGET, STATUS_OK
+from server import checkpoint, release
+from server.checkpoint import ServerState
+from server.strategy import FedAvg, ema
+from shared import models, weights
+from shared.config import ConfigError, RunConfig
+
+# Config knobs that may differ between a run and its resumption.
+RESUMABLE = {"resume", "stop-after-round"}
+NODE_WAIT_S = 120.0
+ROUND_TIMEOUT_S = 3600.0
+
+
+class StopRun(Exception):
+    """The run cannot go on (too few hospitals); what exists has been released."""
+
+
+def _say(msg: str) -> None:
+    """Progress for the coordinator (`fedsynth run` echoes lines with this prefix)."""
+    print(f"[fedsynth] {msg}", flush=True)
+
+
+def generator_part(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.copy() for k, v in arrays.items() if k.startswith("generator.")}
+
+
+def start_state(cfg: RunConfig) -> tuple[ServerState, dict[str, np.ndarray],
+                                         dict[str, np.ndarray]]:
+    out = Path(cfg.output_dir)
+    newest = checkpoint.latest(out)
+    if cfg.resume:
+        if newest is None:
+            raise ConfigError(f"resume = true but {out} has no checkpoint to resume from")
+        state, global_w, ema_w = checkpoint.load(newest)
+        ours = {k: v for k, v in cfg.to_flat().items() if k not in RESUMABLE}
+        theirs = {k: v for k, v in state.config.items() if k not in RESUMABLE}
+        changed = sorted(k for k in ours if ours[k] != theirs.get(k))
+        if changed:
+            raise ConfigError(f"{newest}: cannot resume with a different config "
+                              f"({', '.join(changed)} changed)")
+        _say(f"resuming run {state.run_id} after round {state.round} from {newest}")
+        return state, global_w, ema_w
+    if newest is not None:
+        raise ConfigError(f"{out} already holds checkpoints of another run: set resume = true "
+                          "to continue it, or choose a new output-dir")
+    global_w = weights.to_numpy(models.build(cfg))
+    state = ServerState(run_id=uuid.uuid4().hex, round=0, config=cfg.to_flat())
+    return state, global_w, generator_part(global_w)
+
+
+def wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
+    deadline = time.monotonic() + NODE_WAIT_S
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= cfg.num_hospitals or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def train_messages(nodes: Iterable[int], global_w: dict[str, np.ndarray], run_id: str,
+                   rnd: int) -> list[Message]:
+    record = ArrayRecord(array_dict={k: Array(v) for k, v in global_w.items()})
+    return [
+        Message(content=RecordDict({"weights": record,
+                                    "config": ConfigRecord({"run-id": run_id, "round": rnd})}),
+                dst_node_id=node, message_type=MessageType.TRAIN)
+        for node in nodes
+    ]
+
+
+def check_reply(reply: Message, cfg: RunConfig) -> tuple[str, dict[str, Any]]:
+    """Classify one reply: ("error"|"budget"|"ok", details). Never raises on bad replies."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        return "error", {"node": node, "reason": reply.error.reason}
+    content = reply.content
+    try:
+        status = content["status"]["status"]
+        hospital = str(content["status"]["hospital-id"])
+        metrics = dict(content["metrics"])
+    except KeyError as e:
+        return "error", {"node": node, "reason": f"malformed reply (no {e})"}
+    if status == STATUS_BUDGET:
+        return "budget", {"node": node, "hospital": hospital, "metrics": metrics}
+    if status != STATUS_OK:
+        return "error", {"node": node, "reason": f"unknown status {status!r}"}
+    try:
+        entry = json.loads(content["ledger"]["entry"])
+        record = content["weights"]
+        weights.unpack(record, models.build(cfg))          # keys, dtypes, shapes, finite
+        arrays = {k: record[k].numpy() for k in record.keys()}
+    except (KeyError, ValueError, weights.WeightsError) as e:
+        return "error", {"node": node, "hospital": hospital, "reason": f"rejected update: {e}"}
+    received = weights.digest(arrays)
+    if entry.get("weights_sha256") != received:
+        return "error", {"node": node, "hospital": hospital,
+                         "reason": "update does not match the digest in its ledger entry"}
+    return "ok", {"node": node, "hospital": hospital, "metrics": metrics, "entry": entry,
+                  "arrays": arrays, "digest": received,
+                  "public_key": str(content["ledger"]["public-key"])}
+
+
+def run(grid: Grid, cfg: RunConfig) -> Path:
+    """Run (or resume) the federation to its release; returns the release directory."""
+    out = Path(cfg.output_dir)
+    state, global_w, ema_w = start_state(cfg)
+    excluded: set[int] = set()      # nodes whose hospital's budget is exhausted
+    stopped = ""
+    for rnd in range(state.round + 1, cfg.num_rounds + 1):
+        nodes = [n for n in wait_for_nodes(grid, cfg) if n not in excluded]
+        if len(nodes) < cfg.min_hospitals:
+            stopped = f"only {len(nodes)} hospitals available, min-hospitals = {cfg.min_hospitals}"
+            break
+        started = time.monotonic()
+        replies = grid.send_and_receive(train_messages(nodes, global_w, state.run_id, rnd),
+                                        timeout=ROUND_TIMEOUT_S)
+        fedavg, record = FedAvg(), {"round": rnd, "clients": {}, "received": {},
+                                    "failures": [], "exhausted": []}
+        accepted = []
+        for reply in replies:
+            kind, info = check_reply(reply, cfg)
+            if kind == "error":
+                record["failures"].append({k: v for k, v in info.items()})
+                _say(f"round {rnd}: node {info['node']} failed: {info['reason']}")
+            elif kind == "budget":
+                excluded.add(info["node"])
+                if info["hospital"] not in state.dropped:
+                    state.dropped.append(info["hospital"])
+                record["exhausted"].append(info["hospital"])
+                _say(f"round {rnd}: {info['hospital']} stopped: its privacy budget "
+                     f"(epsilon {info['metrics'].get('budget-epsilon')}) would be exceeded")
+            else:
+                accepted.append(info)
+        for info in sorted(accepted, key=lambda i: i["hospital"]):
+            fedavg.add(info["arrays"], int(info["metrics"]["num-examples"]))
+            hospital = info["hospital"]
+            record["clients"][hospital] = info["metrics"]
+            record["received"][hospital] = info["digest"]
+            state.ledger.setdefault(hospital, []).append(info["entry"])
+            state.public_keys[hospital] = info["public_key"]
+        if fedavg.count < cfg.min_hospitals:
+            stopped = (f"round {rnd}: {fedavg.count} hospitals trained, "
+                       f"min-hospitals = {cfg.min_hospitals}")
+            break
+
+        global_w = fedavg.result()
+        ema_w = ema(ema_w, generator_part(global_w), cfg.g_ema_decay)
+        state.round = rnd
+        state.rounds.append(record)
+        path = checkpoint.save(out, state, global_w, ema_w)
+        release.save_grid(release.generator_from(cfg, ema_w), cfg,
+                          out / "samples" / f"round-{rnd:04d}.png")
+        eps = {h: m["epsilon"] for h, m in record["clients"].items()}
+        _say(f"round {rnd}/{cfg.num_rounds}: {fedavg.count} hospitals, "
+             f"{time.monotonic() - started:.0f}s, epsilon "
+             + ", ".join(f"{h} {e:.2f}" for h, e in sorted(eps.items()))
+             + f"; checkpoint {path}")
+        if cfg.stop_after_round and rnd == cfg.stop_after_round and rnd < cfg.num_rounds:
+            _say(f"stop-after-round = {rnd}: stopping as if crashed; resume with resume = true")
+            return path
+    if stopped:
+        _say(f"stopping early: {stopped}")
+        if state.round == 0:
+            raise StopRun(f"{stopped}; no round completed, nothing to release")
+    where = release.write_release(out, cfg, state, global_w, ema_w, stopped=stopped)
+    summary = release.privacy_summary(state)
+    for hospital, p in summary["per_hospital"].items():
+        _say(f"{hospital}: epsilon {p['epsilon']:.3f} (delta {p['delta']:.2e}, "
+             f"budget {p['budget_epsilon']})")
+    _say(f"release: {where} (max epsilon {summary['max_epsilon']:.3f})")
+    return where

@@ -1,0 +1,163 @@
+"""What the server releases: synthetic images, the generator, and the privacy guarantee.
+
+    <output-dir>/release/
+        images/<class>/00000.png ...   samples-per-class synthetic images per class
+        synthetic.npz                  the same images in MedMNIST layout
+                                       (train_images uint8 (N, S, S), train_labels (N, 1))
+        grid.png                       one row per class
+        generator.pt                   final aggregated generator (state dict)
+        generator-ema.pt               the server's EMA of it (used for the images)
+        ledger/<hospital>.jsonl        the signed ledger entries each hospital returned
+        keys/<hospital>.pub.pem        the ledger keys the hospitals sent (an auditor should
+                                       use keys obtained from the hospitals themselves)
+        updates.json                   digest of every update the server received
+        release.json                   rounds, hospitals, per-hospital (epsilon, delta),
+                                       the max over hospitals, config, seeds
+
+Everything here is post-processing of the hospitals' DP outputs: it costs no privacy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from server.checkpoint import ServerState
+from shared import models
+from shared.config import RunConfig
+
+SAMPLE_SEED_OFFSET = 1_000_003  # release samples use seed + this: distinct from training
+
+
+def generator_from(cfg: RunConfig, arrays: dict[str, np.ndarray]) -> nn.Module:
+    g = models.build(cfg)["generator"]
+    state = {k.split(".", 1)[1]: torch.from_numpy(v.copy())
+             for k, v in arrays.items() if k.startswith("generator.")}
+    g.load_state_dict(state, strict=False)
+    return g.eval()
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, labels: np.ndarray, latent_dim: int, seed: int,
+             batch: int = 500) -> np.ndarray:
+    """uint8 images (N, S, S) for the given labels, reproducible from `seed`."""
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    y_all = torch.as_tensor(labels, dtype=torch.long)
+    for start in range(0, len(y_all), batch):
+        y = y_all[start:start + batch]
+        z = torch.randn(len(y), latent_dim, generator=rng)
+        x = generator(z, y)[:, 0]
+        out.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1, 1), np.uint8)
+
+
+def grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
+    """Tile (rows*cols, S, S) uint8 images into one array, row-major."""
+    cols = len(images) // rows
+    s = images.shape[-1]
+    canvas = np.full((rows * (s + pad) + pad, cols * (s + pad) + pad), 255, np.uint8)
+    for i, img in enumerate(images[: rows * cols]):
+        r, c = divmod(i, cols)
+        canvas[pad + r * (s + pad): pad + r * (s + pad) + s,
+               pad + c * (s + pad): pad + c * (s + pad) + s] = img
+    return canvas
+
+
+def save_grid(generator: nn.Module, cfg: RunConfig, path: Path, columns: int = 10,
+              scale: int = 3) -> None:
+    """One row per class, the same latent draws every round (so rounds compare)."""
+    labels = np.repeat(np.arange(cfg.num_classes), columns)
+    images = generate(generator, labels, cfg.latent_dim, cfg.seed + SAMPLE_SEED_OFFSET)
+    canvas = grid(images, cfg.num_classes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale),
+                                   Image.NEAREST).save(path)
+
+
+def privacy_summary(state: ServerState) -> dict[str, Any]:
+    """Per-hospital (epsilon, delta) from the last ledger entry each one returned."""
+    per = {}
+    for hospital, entries in sorted(state.ledger.items()):
+        if not entries:
+            continue
+        last = entries[-1]
+        per[hospital] = {
+            "epsilon": last["epsilon"], "delta": last["delta"],
+            "budget_epsilon": last.get("budget_epsilon"),
+            "rounds": sorted({e["round"] for e in entries if e["run_id"] == state.run_id}),
+            "steps": sum(e["steps"] for e in entries),
+            "noise_multiplier": last["noise_multiplier"], "sample_rate": last["sample_rate"],
+            "accountant": last.get("accountant", "rdp"),
+        }
+    eps = [p["epsilon"] for p in per.values()]
+    return {
+        "unit": "one image, add/remove adjacency",
+        "per_hospital": per,
+        "max_epsilon": max(eps) if eps else 0.0,
+        "max_delta": max(p["delta"] for p in per.values()) if per else 0.0,
+        "dropped_budget_exhausted": list(state.dropped),
+    }
+
+
+def write_release(output_dir: Path, cfg: RunConfig, state: ServerState,
+                  global_weights: dict[str, np.ndarray],
+                  ema_weights: dict[str, np.ndarray], stopped: str = "") -> Path:
+    out = Path(output_dir) / "release"
+    tmp = Path(output_dir) / ".release-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+
+    generator = generator_from(cfg, ema_weights)
+    labels = np.repeat(np.arange(cfg.num_classes), cfg.samples_per_class)
+    sample_seed = cfg.seed + SAMPLE_SEED_OFFSET + 1
+    images = generate(generator, labels, cfg.latent_dim, sample_seed)
+    for c, name in enumerate(cfg.class_names):
+        folder = tmp / "images" / name
+        folder.mkdir()
+        for i, img in enumerate(images[labels == c]):
+            Image.fromarray(img).save(folder / f"{i:05d}.png")
+    np.savez_compressed(tmp / "synthetic.npz", train_images=images,
+                        train_labels=labels.astype(np.uint8).reshape(-1, 1))
+    save_grid(generator, cfg, tmp / "grid.png")
+    for name, arrays in (("generator.pt", global_weights), ("generator-ema.pt", ema_weights)):
+        torch.save({k.split(".", 1)[1]: torch.from_numpy(v.copy())
+                    for k, v in arrays.items() if k.startswith("generator.")}, tmp / name)
+
+    (tmp / "ledger").mkdir()
+    (tmp / "keys").mkdir()
+    for hospital, entries in state.ledger.items():
+        with open(tmp / "ledger" / f"{hospital}.jsonl", "w") as f:
+            for e in entries:
+                f.write(json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n")
+    for hospital, pem in state.public_keys.items():
+        (tmp / "keys" / f"{hospital}.pub.pem").write_text(pem)
+    updates = [{"round": r["round"], "received": r.get("received", {})} for r in state.rounds]
+    (tmp / "updates.json").write_text(json.dumps(updates, indent=1, sort_keys=True))
+
+    release = {
+        "run_id": state.run_id,
+        "model": cfg.model,
+        "rounds": state.round,
+        "rounds_planned": cfg.num_rounds,
+        "stopped_early": stopped,
+        "hospitals": sorted(state.ledger),
+        "privacy": privacy_summary(state),
+        "images": {"per_class": cfg.samples_per_class, "classes": list(cfg.class_names),
+                   "size": cfg.image_size, "generator": "generator-ema.pt"},
+        "seeds": {"run": cfg.seed, "release_samples": sample_seed,
+                  "grid": cfg.seed + SAMPLE_SEED_OFFSET},
+        "config": cfg.to_flat(),
+        "metrics": state.rounds[-1].get("clients", {}) if state.rounds else {},
+    }
+    (tmp / "release.json").write_text(json.dumps(release, indent=1, sort_keys=True))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,127 @@
+"""The `fedsynth` command: one entry point for coordinators, hospitals and auditors.
+
+    fedsynth run CONFIG            coordinator: run a federation (Simulation Engine)
+    fedsynth client budget DIR     hospital: what its ledger says it has spent
+    fedsynth audit RELEASE         auditor: verify ledgers and recompute epsilon
+
+Every command validates its input first and exits non-zero with one line naming the
+file and the problem.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from shared.config import ConfigError, RunConfig, load_toml, validate
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="fedsynth: federated, differentially private GANs for medical images.")
+client_app = typer.Typer(no_args_is_help=True,
+                         help="Commands a hospital runs on its own node.")
+app.add_typer(client_app, name="client")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            fail(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config (flat TOML), e.g. configs/demo.toml.")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override one knob, key=value (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue from the last checkpoint in output-dir.")] = False,
+    fresh: Annotated[bool, typer.Option(
+        help="Delete output-dir first (its checkpoints, release and simulated ledgers).")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show all Flower output.")] = False,
+) -> None:
+    """Run a federation on Flower's Simulation Engine and print where the release is.
+
+    Starts a private SuperLink on loopback with one simulated hospital (SuperNode) per
+    `num-hospitals`, streams round progress, and stops it at the end. Flower's own log
+    goes to <output-dir>/flower.log.
+    """
+    from client.data import DataError
+    from server import launch
+
+    try:
+        load_toml(config)  # the file on its own: errors name the file
+        file_values = tomllib.loads(Path(config).read_text())
+        values = validate({**file_values, **_parse_set(set_ or [])}, str(config))
+        if resume:
+            values["resume"] = True
+        values = launch.resolve_paths(values, Path.cwd())
+        cfg = RunConfig.from_flat(values, str(config))
+        launch.preflight(cfg)
+    except (ConfigError, DataError) as e:
+        fail(str(e))
+    out = Path(cfg.output_dir)
+    if fresh and not resume and out.exists():
+        shutil.rmtree(out)
+    if not cfg.resume and (out / "checkpoints").exists():
+        fail(f"{out} holds a previous run: pass --resume to continue it or --fresh to start over")
+    typer.echo(f"fedsynth: {cfg.num_hospitals} hospitals, {cfg.num_rounds} rounds, "
+               f"target epsilon {cfg.target_epsilon}, output {out}")
+    code = launch.simulate(cfg, out, verbose=verbose)
+    release = out / "release" / "release.json"
+    if code != 0:
+        fail(f"flwr run exited with code {code}; see {out / 'flower.log'}", code=1)
+    if cfg.stop_after_round and cfg.stop_after_round < cfg.num_rounds:
+        typer.echo(f"stopped after round {cfg.stop_after_round}; continue with --resume")
+        return
+    if not release.exists():
+        fail(f"the run ended without a release; see {out / 'flower.log'}", code=1)
+    typer.echo(f"done: open {release.parent / 'grid.png'} and {release}")
+
+
+@client_app.command("budget")
+def client_budget(
+    state_dir: Annotated[Path, typer.Argument(help="The node's state directory.")],
+    epsilon: Annotated[Optional[float], typer.Option(help="The node's epsilon budget.")] = None,
+) -> None:
+    """Show what this node's privacy ledger has spent, entry by entry."""
+    from client.ledger import Ledger, LedgerError
+
+    if not (state_dir / "ledger.jsonl").exists():
+        fail(f"{state_dir}: no ledger.jsonl (this node has not trained yet)")
+    try:
+        entries = Ledger(state_dir, "?").entries
+    except LedgerError as e:
+        fail(str(e), code=1)
+    for e in entries:
+        typer.echo(f"{e['time']}  run {e['run_id'][:8]}  round {e['round']:>3}  "
+                   f"{e['mechanism']:<20} sigma {e['noise_multiplier']:.3f}  "
+                   f"q {e['sample_rate']:.4f}  steps {e['steps']:>4}  "
+                   f"epsilon {e['epsilon']:.3f}  (delta {e['delta']:.1e})")
+    spent = entries[-1]["epsilon"] if entries else 0.0
+    budget = epsilon if epsilon is not None else (entries[-1]["budget_epsilon"] if entries else None)
+    typer.echo(f"spent: epsilon {spent:.3f}" + (f" of {budget}" if budget else ""))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
