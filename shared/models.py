@@ -80,6 +80,9 @@ class Discriminator(nn.Module):
         self.linear = nn.Linear(dim, 1)
         self.embed = nn.Embedding(num_classes, dim)
         self.apply(_init_dcgan)
+        # The projection term <embed(y), h(x)> sums over `dim` features: with PyTorch's
+        # default N(0, 1) embedding it would start at logits of +-30 and saturate.
+        nn.init.normal_(self.embed.weight, 0.0, 0.02)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """images: (N, 1, S, S) in [-1, 1], labels: (N,) int64 -> logits (N,)."""
