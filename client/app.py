@@ -9,9 +9,10 @@
 
 What leaves the node: model weights (outputs of DP-SGD), the public dataset size as the
 FedAvg weight, losses on *generated* images only, privacy parameters, and the signed
-ledger entry (numbers, hashes, the hospital's name). No pixel, label, file name or
-realised Poisson batch size. The discriminator's loss on real images would be a
-statistic of the hospital's data, so it is not sent (`d-loss-fake` is sent instead).
+ledger entry (numbers, hashes, the hospital's name). No pixel, label, file name, skipped
+file, detail of a data error, or realised Poisson batch size. The discriminator's loss
+on real images would be a statistic of the hospital's data, so it is not sent
+(`d-loss-fake` is sent instead).
 
 The hospital's budget (epsilon, delta) comes from its node config and is enforced here:
 whatever the server's run config says, the node never trains past it.
@@ -28,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import ledger as ledger_mod
-from client.data import HospitalData, load_hospital
+from client.data import DataError, HospitalData, data_stamp, load_hospital
 from client.node import Hospital
 from client.train import DPPlan, calibrate_noise, sample_rate, train_round
 from shared import models, weights
@@ -49,13 +50,18 @@ def _cached_data(hospital: Hospital, cfg: RunConfig, stamp: tuple) -> HospitalDa
 
 
 def hospital_data(hospital: Hospital, cfg: RunConfig) -> HospitalData:
-    """Load once per process; reload if the data file changes."""
+    """Load once per process; reload when any data file changes.
+
+    A DataError's message names local paths and files: it is logged here, on the node,
+    and what propagates (Flower sends a ClientApp's exception text to the server) says
+    only that this hospital has no usable data.
+    """
     try:
-        st = hospital.data_path.stat()
-        stamp = (st.st_mtime_ns, st.st_size)
-    except OSError:
-        stamp = ()
-    return _cached_data(hospital, cfg, stamp)
+        return _cached_data(hospital, cfg, data_stamp(hospital))
+    except DataError as e:
+        log.error("%s: %s", hospital.hospital_id, e)
+        raise DataError(f"{hospital.hospital_id}: the node's data cannot be used; the node's "
+                        "log says why (run `fedsynth client check-data` there)") from None
 
 
 def privacy_delta(hospital: Hospital, dataset_size: int) -> float:

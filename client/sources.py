@@ -204,11 +204,8 @@ def read_scans(settings: SourceSettings) -> SourceScans:
     root = Path(settings.root)
     _check_settings(settings)
     manifest = _read_manifest(Path(settings.label_manifest)) if settings.label_from == "csv" else None
-    manifest_path = Path(settings.label_manifest).resolve() if settings.label_manifest else None
     scans = SourceScans()
-    for path in _files_under(root):
-        if manifest_path is not None and path.resolve() == manifest_path:
-            continue
+    for path in scan_files(settings):
         rel = path.relative_to(root).as_posix()
         try:
             label = _label_from_path(rel, settings, manifest)
@@ -236,6 +233,14 @@ def read_scans(settings: SourceSettings) -> SourceScans:
         _reason_summary(scans.skipped_by_reason()),
     )
     return scans
+
+
+def scan_files(settings: SourceSettings) -> list[Path]:
+    """The files ``read_scans`` visits, in its order: every file under the root except hidden
+    ones and the label manifest. Empty if the root is not a folder."""
+    manifest = Path(settings.label_manifest).resolve() if settings.label_manifest else None
+    return [path for path in _files_under(Path(settings.root))
+            if manifest is None or path.resolve() != manifest]
 
 
 def require_usable(scans: SourceScans, root: Path) -> None:

@@ -27,6 +27,9 @@ def _register_subcommands() -> None:
     from client.commands import app as client_app
 
     app.add_typer(client_app, name="client")
+    from server.commands import release_dicom
+
+    app.command("release-dicom")(release_dicom)
 
 
 def fail(message: str, code: int = 2) -> None:

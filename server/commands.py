@@ -1,0 +1,88 @@
+"""`fedsynth release-dicom`: a release's synthetic images as DICOM Secondary Capture files.
+
+Reads what `server/release.py` wrote (post-processing only, no privacy cost):
+
+    release/synthetic.npz     train_images uint8 (N, S, S), train_labels (N, 1)
+    release/release.json      class names, run id, privacy summary (max epsilon, delta)
+    release/generator-ema.pt  the generator the images came from (its SHA-256 is recorded)
+
+and writes `OUT_DIR/synthetic_000000.dcm`, ... through `server.dicom_export`: the stored
+pixels are the release's uint8 values unchanged, so each DICOM equals the released PNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def release_dicom(
+    release_dir: Annotated[Path, typer.Argument(
+        help="The release folder (<output-dir>/release) or the run's output-dir.")],
+    out_dir: Annotated[Path, typer.Argument(help="New or empty folder for the DICOM files.")],
+) -> None:
+    """Write a release's synthetic images as DICOM, marked synthetic, with the privacy guarantee.
+
+    One Secondary Capture file per image (fresh UIDs, no patient identity, ImageType
+    DERIVED\\SECONDARY, BurnedInAnnotation NO); ImageComments and a FEDSYNTH private block
+    carry the class, the generator's SHA-256, the release's (epsilon, delta) and run id.
+    """
+    import numpy as np
+
+    from server.dicom_export import write_synthetic_dicom
+
+    if not (release_dir / "release.json").exists() and (release_dir / "release" / "release.json").exists():
+        release_dir = release_dir / "release"
+    meta_path, npz_path = release_dir / "release.json", release_dir / "synthetic.npz"
+    for path in (meta_path, npz_path):
+        if not path.is_file():
+            fail(f"{path}: not found; pass the release folder that `fedsynth run` wrote")
+    try:
+        meta = json.loads(meta_path.read_text())
+        class_names = list(meta["images"]["classes"])
+        generator_path = release_dir / meta["images"].get("generator", "generator-ema.pt")
+        privacy = meta["privacy"]
+        run_id = str(meta["run_id"])
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{meta_path}: not a fedsynth release.json ({type(e).__name__}: {e})")
+    if not generator_path.is_file():
+        fail(f"{generator_path}: not found; the images' provenance needs the generator file")
+    try:
+        with np.load(npz_path) as npz:
+            images, labels = npz["train_images"], npz["train_labels"].reshape(-1)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"{npz_path}: not a readable synthetic.npz ({e})")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        fail(f"{out_dir}: exists and is not an empty folder; choose a new output folder")
+
+    # No hospital ledger means no DP guarantee: record epsilon = inf rather than invent one.
+    epsilon = float(privacy.get("max_epsilon") or math.inf)
+    delta = float(privacy.get("max_delta") or 0.0)
+    generator_sha256 = hashlib.sha256(generator_path.read_bytes()).hexdigest()
+    try:
+        paths = write_synthetic_dicom(
+            images, [int(k) for k in labels], class_names, out_dir,
+            generator_sha256=generator_sha256, epsilon=epsilon, delta=delta,
+            release_id=run_id[:60],
+        )
+    except ValueError as e:
+        fail(f"{release_dir}: {e}")
+    per_class = Counter(class_names[int(k)] for k in labels)
+    typer.echo(f"wrote {len(paths)} synthetic DICOM files to {out_dir} "
+               f"({', '.join(f'{name} {per_class[name]}' for name in class_names)})")
+    typer.echo(f"  (epsilon, delta) = ({epsilon:g}, {delta:g}) per hospital, max over hospitals; "
+               f"generator {generator_path.name} SHA-256 {generator_sha256[:16]}...")
+    if math.isinf(epsilon):
+        typer.secho("  warning: the release has no privacy ledger; epsilon recorded as inf",
+                    fg=typer.colors.YELLOW)
