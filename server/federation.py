@@ -168,12 +168,16 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
             hospital = info["hospital"]
             record["clients"][hospital] = info["metrics"]
             record["received"][hospital] = info["digest"]
-            state.ledger.setdefault(hospital, []).append(info["entry"])
-            state.public_keys[hospital] = info["public_key"]
         if fedavg.count < cfg.min_hospitals:
             stopped = (f"round {rnd}: {fedavg.count} hospitals trained, "
                        f"min-hospitals = {cfg.min_hospitals}")
             break
+        # Only a completed round's entries join the state: the release (and its audit)
+        # then shows exactly the rounds it is made of, each with its recorded update. A
+        # hospital's spend on an abandoned round stays counted in its own ledger.
+        for info in accepted:
+            state.ledger.setdefault(info["hospital"], []).append(info["entry"])
+            state.public_keys[info["hospital"]] = info["public_key"]
 
         global_w = fedavg.result()
         ema_w = ema(ema_w, generator_part(global_w), cfg.g_ema_decay)

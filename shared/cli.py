@@ -25,11 +25,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 def _register_subcommands() -> None:
     from client.commands import app as client_app
+    from shared.audit import audit_command
 
     app.add_typer(client_app, name="client")
     from server.commands import release_dicom
 
     app.command("release-dicom")(release_dicom)
+    app.command("audit")(audit_command)
 
 
 def fail(message: str, code: int = 2) -> None:
