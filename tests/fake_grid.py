@@ -1,9 +1,10 @@
 """An in-process Flower Grid: the server's round loop against real ClientApp handlers.
 
 `FakeGrid` answers `server.federation.run` the way a SuperLink with SuperNodes would,
-but each node is a hospital's deployment-style node config and every reply comes from
-`client.app.train_reply` called in this process: real DP training, real ledgers, real
-budget checks, no gRPC and no subprocesses. A handler that raises becomes an error
+but each node is a hospital's node config (deployment-style, or the simulation's
+partition-id) and every reply comes from the ClientApp's handler called in this process
+(`client.app.train_reply`; `client.app.evaluate_reply` for evaluate messages): real DP
+training, real ledgers, real budget checks, no gRPC and no subprocesses. A handler that raises becomes an error
 reply, as Flower's runtime would send it.
 
     with FakeGrid(run_config, {1: node_config_a, 2: node_config_b}) as grid:
@@ -19,10 +20,12 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Error, Message, MessageType,
+                      RecordDict)
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
+from client import app as client_app
 from client.app import plan_round, train_reply
 from client.ledger import rdp_epsilon
 from client.node import Hospital
@@ -93,10 +96,13 @@ class FakeGrid:
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            self.sent.append((int(msg.content["config"]["round"]), node))
+            if msg.metadata.message_type == MessageType.TRAIN:
+                self.sent.append((int(msg.content["config"]["round"]), node))
+                handler = train_reply
+            else:  # the ClientApp's other handler, looked up by name like its decorator
+                handler = getattr(client_app, f"{msg.metadata.message_type}_reply")
             try:
-                content = train_reply(msg.content, self.run_config, self.node_configs[node],
-                                      node)
+                content = handler(msg.content, self.run_config, self.node_configs[node], node)
             except Exception as e:  # noqa: BLE001 -- Flower turns it into an error reply
                 replies.append(Message(Error(code=0, reason=f"{type(e).__name__}: {e}"),
                                        reply_to=msg))
