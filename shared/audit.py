@@ -6,8 +6,9 @@
         hash = SHA-256 of the canonical entry     a number edited          -> failure
         Ed25519 signature of the hash             wrong key, swapped       -> failure
         prev_hash = the previous entry's hash     removed, inserted, reordered -> failure
-        run id = the release's; weights_sha256 = the digest the server recorded for
-        that hospital and round (updates.json); every recorded update has an entry
+        run id = the release's; a training entry's weights_sha256 = the digest the
+        server recorded for that hospital and round (updates.json), and every recorded
+        update has an entry (DP statistics count against the budget but are no update)
         epsilon recomputed from (noise_multiplier, sample_rate, steps) of every entry
         so far, in order:
             Opacus RDP   must equal the claimed epsilon (relative 1e-6)
@@ -48,6 +49,7 @@ STRINGS = ("hospital_id", "run_id", "mechanism", "weights_sha256", "prev_hash", 
            "signature")
 REQUIRED = ("version",) + STRINGS + NUMBERS + INTEGERS
 EPSILON_RTOL = 1e-6
+TRAIN_PURPOSE = "train-discriminator"          # client/app.py PURPOSE_TRAIN
 NODE_LEDGER = "ledger.jsonl"
 NODE_PUBLIC_KEY = Path("keys") / "ledger-ed25519.pub.pem"
 
@@ -225,6 +227,16 @@ def field_problems(e: dict[str, Any]) -> list[str]:
     return out
 
 
+def is_training_update(e: dict[str, Any]) -> bool:
+    """A round's model update (checked against updates.json), not a DP statistic.
+
+    Other releases (e.g. "gaussian" evaluation statistics) count against the same
+    budget and are checked like every entry, but the server records no update for them.
+    """
+    default = TRAIN_PURPOSE if e.get("mechanism") == "subsampled-gaussian" else ""
+    return e.get("purpose", default) == TRAIN_PURPOSE
+
+
 # --------------------------------------------------------------------------- accountants
 
 def accountant_history(entries: list[dict[str, Any]]) -> list[tuple[float, float, int]]:
@@ -335,7 +347,7 @@ def audit_ledger_entries(audit: HospitalAudit, entries: list[dict[str, Any]],
         if problems:
             for p in problems:
                 audit.fail(p, i, rnd)
-            if rnd is not None:
+            if rnd is not None and is_training_update(e):
                 seen_rounds.add(rnd)     # the entry exists; what is wrong with it is named
             # A broken entry still links the chain if it carries a hash.
             prev = e.get("hash", prev) if isinstance(e.get("hash"), str) else prev
@@ -374,7 +386,7 @@ def audit_ledger_entries(audit: HospitalAudit, entries: list[dict[str, Any]],
             if e["run_id"] != run_id:
                 audit.fail(f"entry from another run (run_id {e['run_id']}, this release is "
                            f"{run_id})", i, rnd)
-            elif recorded is not None:
+            elif recorded is not None and is_training_update(e):
                 if rnd in seen_rounds:
                     audit.fail("a second entry for this round (the server records one "
                                "update per hospital and round)", i, rnd)
@@ -408,7 +420,8 @@ def audit_ledger_entries(audit: HospitalAudit, entries: list[dict[str, Any]],
     if not valid:
         return
     last = valid[-1]
-    ours = [e for e in valid if run_id is None or e["run_id"] == run_id]
+    ours = [e for e in valid if is_training_update(e)
+            and (run_id is None or e["run_id"] == run_id)]
     audit.rounds = sorted({int(e["round"]) for e in ours})
     audit.steps = sum(int(e["steps"]) for e in valid)
     audit.noise_multipliers = sorted({float(e["noise_multiplier"]) for e in valid})

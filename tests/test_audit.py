@@ -361,3 +361,23 @@ def test_a_ledger_that_starts_mid_chain_is_named(release):
     named = failures(report, "hospital-0")
     assert code == 1
     assert (1, 2) in {(f["entry"], f["round"]) for f in named if "first entry" in f["what"]}
+
+
+def test_a_dp_statistic_counts_against_the_budget_but_is_no_update(tmp_path):
+    ledger = node_ledger(tmp_path / "nodes" / "hospital-0", "hospital-0", rounds=2)
+    trained = ledger.entries[-1]["epsilon"]
+    ledger.append(run_id=RUN, round=2, mechanism="gaussian", purpose="evaluate-fid-statistics",
+                  noise_multiplier=6.0, sample_rate=1.0, steps=1, max_grad_norm=1.0,
+                  dataset_size=N, delta=DELTA, budget_epsilon=BUDGET,
+                  weights_sha256=digest("fid statistics", 2))
+    release = write_release(tmp_path, {"hospital-0": ledger})
+    updates = json.loads((release / "updates.json").read_text())
+    for u in updates:                       # the server recorded only the two updates
+        u["received"]["hospital-0"] = digest("hospital-0", u["round"])
+    (release / "updates.json").write_text(json.dumps(updates))
+    code, report = audit_json(release)
+    assert code == 0, report["failures"]
+    [row] = report["hospitals"]
+    assert row["rounds"] == [1, 2] and row["steps"] == 2 * STEPS + 1
+    assert row["rdp_epsilon"] == pytest.approx(row["claimed_epsilon"]) and \
+        row["rdp_epsilon"] > trained
