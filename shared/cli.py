@@ -31,6 +31,11 @@ def _register_subcommands() -> None:
     from server.commands import release_dicom
 
     app.command("release-dicom")(release_dicom)
+    from client.enroll import enroll_command
+    from shared.certs import certs_command
+
+    app.command("certs")(certs_command)
+    app.command("enroll")(enroll_command)
     app.command("audit")(audit_command)
 
 
