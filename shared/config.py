@@ -76,6 +76,9 @@ KNOBS: tuple[Knob, ...] = (
          _positive, "> 0"),
     Knob("d-steps-per-g-step", 2, "Discriminator steps per generator step.",
          _positive, "> 0"),
+    Knob("g-diversity", 1.0,
+         "Weight of the generator's mode-seeking term against mode collapse (0 = off).",
+         _nonnegative, ">= 0"),
     Knob("batch-size", 128, "Expected Poisson batch size of real images (q = B / n).",
          _positive, "> 0"),
     Knob("lr-d", 2e-4, "Discriminator Adam learning rate.", _positive, "> 0"),
@@ -193,6 +196,7 @@ class RunConfig:
     g_ema_decay: float
     local_d_steps: int
     d_steps_per_g_step: int
+    g_diversity: float
     batch_size: int
     lr_d: float
     lr_g: float
