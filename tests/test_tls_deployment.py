@@ -11,12 +11,15 @@ and SuperNode authentication, hospitals enrolled with `fedsynth enroll` and regi
     the run (smoke config, num-hospitals = 2) completes with a and b only; `flwr pull` is
     not available without an artifact provider, so the release is read from output-dir;
     the auditor verifies it with the ledger keys the hospitals' enrolment made.
+    a hospital killed mid-round is dropped from that round and rejoins the next.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -59,6 +62,42 @@ def wait_exit(proc: subprocess.Popen, timeout: float = 90) -> int | None:
     return proc.poll()
 
 
+def wait_for_text(path, text: str, timeout: float, proc: subprocess.Popen | None = None) -> str:
+    """Poll a log until `text` appears; return the log. Fails early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = path.read_text(errors="replace") if path.exists() else ""
+        if text in log:
+            return log
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {path.name} after {timeout:.0f}s")
+
+
+def start_tls_superlink(flower: FlowerProcesses, certs) -> int:
+    """coordinator.md, step 2 (on loopback); returns the port."""
+    flower.env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # a small shared machine
+    port = flower.superlink(
+        "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
+        "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth",
+        tls_ca=certs.ca_cert)
+    write_connections(flower, port, certs.ca_cert)
+    return port
+
+
+def node_config(tmp_path, node, images: tuple[int, int] = (0, 64)) -> dict:
+    """hospital.md, step 2: the hospital's own data file, state dir and budget."""
+    data = hospital_npz(tmp_path / node.hospital_id / "data" / "scans.npz", *images)
+    return {"hospital-id": node.hospital_id, "data-path": str(data),
+            "state-dir": str(node.state_dir), "epsilon": 10.0, "delta": 1e-5}
+
+
+def auth(node, ca) -> tuple[str, ...]:
+    """hospital.md, step 5: trust the federation's CA, sign with the enrolled key."""
+    return ("--root-certificates", str(ca), "--auth-supernode-private-key", str(node.supernode_key))
+
+
 @pytest.mark.slow
 def test_tls_federation_admits_only_registered_hospitals(tmp_path):
     certs = create_certificates(tmp_path / "coordinator" / "certs", ["127.0.0.1"])
@@ -69,12 +108,7 @@ def test_tls_federation_admits_only_registered_hospitals(tmp_path):
     run_config = smoke_values(out, num_hospitals=2)
 
     with FlowerProcesses(tmp_path / "flower") as flower:
-        flower.env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # a small shared machine
-        port = flower.superlink(
-            "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
-            "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth",
-            tls_ca=certs.ca_cert)
-        write_connections(flower, port, certs.ca_cert)
+        port = start_tls_superlink(flower, certs)
 
         # Plaintext cannot talk to the TLS port: neither HTTP nor the flwr CLI.
         with pytest.raises(httpx.HTTPError):
@@ -92,23 +126,17 @@ def test_tls_federation_admits_only_registered_hospitals(tmp_path):
                                  "--format", "json").stdout)
         assert len(listed["nodes"]) == 3
 
-        def node_config(name: str, images: tuple[int, int] = (0, 64)) -> dict:
-            return {"hospital-id": name,
-                    "data-path": str(hospital_npz(tmp_path / name / "data" / "scans.npz", *images)),
-                    "state-dir": str(nodes[name].state_dir), "epsilon": 10.0, "delta": 1e-5}
-
-        def auth(name: str, ca=certs.ca_cert) -> tuple[str, ...]:
-            return ("--root-certificates", str(ca),
-                    "--auth-supernode-private-key", str(nodes[name].supernode_key))
-
+        ca = certs.ca_cert
         for name, images in HOSPITALS.items():
-            flower.supernode(name, port, node_config(name, images), *auth(name))
-        intruder = flower.supernode("intruder", port, node_config("intruder"), *auth("intruder"),
-                                    "--max-retries", "2")
-        elsewhere = flower.supernode("elsewhere", port, node_config("elsewhere"),
-                                     *auth("elsewhere", other_ca.ca_cert), "--max-retries", "2")
-        plaintext = flower.supernode("plaintext", port, node_config("intruder"), "--insecure",
+            flower.supernode(name, port, node_config(tmp_path, nodes[name], images),
+                             *auth(nodes[name], ca))
+        intruder = flower.supernode("intruder", port, node_config(tmp_path, nodes["intruder"]),
+                                    *auth(nodes["intruder"], ca), "--max-retries", "2")
+        elsewhere = flower.supernode("elsewhere", port, node_config(tmp_path, nodes["elsewhere"]),
+                                     *auth(nodes["elsewhere"], other_ca.ca_cert),
                                      "--max-retries", "2")
+        plaintext = flower.supernode("plaintext", port, node_config(tmp_path, nodes["intruder"]),
+                                     "--insecure", "--max-retries", "2")
 
         for name, proc in [("intruder", intruder), ("elsewhere", elsewhere),
                            ("plaintext", plaintext)]:
@@ -148,3 +176,52 @@ def test_tls_federation_admits_only_registered_hospitals(tmp_path):
         shutil.copy(nodes[name].ledger_public_key, keys / f"{name}.pub.pem")
     audit = CliRunner().invoke(app, ["audit", str(out / "release"), "--keys", str(keys)])
     assert audit.exit_code == 0, audit.output
+
+
+@pytest.mark.slow
+def test_hospital_killed_mid_round_is_dropped_and_rejoins_the_next_round(tmp_path):
+    """SIGKILL (no goodbye) to hospital-b while it trains round 1: the SuperLink notices it is
+    gone (heartbeats), round 1 completes with hospital-a (min-hospitals = 1), hospital-b
+    comes back with the same key and state dir and trains round 2."""
+    certs = create_certificates(tmp_path / "coordinator" / "certs", ["127.0.0.1"])
+    nodes = {name: enroll(tmp_path / name / "state", name) for name in HOSPITALS}
+    out = tmp_path / "coordinator" / "outputs" / "study"
+    run_config = smoke_values(out, num_hospitals=2, min_hospitals=1)
+
+    with FlowerProcesses(tmp_path / "flower") as flower:
+        port = start_tls_superlink(flower, certs)
+        for node in nodes.values():
+            assert flwr(flower, "supernode", "register", str(node.supernode_public_key),
+                        "federation").returncode == 0, flower.report()
+        configs = {name: node_config(tmp_path, nodes[name], images)
+                   for name, images in HOSPITALS.items()}
+        flower.supernode("hospital-a", port, configs["hospital-a"],
+                         *auth(nodes["hospital-a"], certs.ca_cert))
+        b = flower.supernode("hospital-b", port, configs["hospital-b"],
+                             *auth(nodes["hospital-b"], certs.ca_cert))
+        config_file = flower.workdir / "run-config.toml"
+        config_file.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
+        run = flower.start("flwr-run-stream", [str(BIN / "flwr"), "run", str(REPO), "federation",
+                                        "--stream", "--run-config", str(config_file)])
+
+        wait_for_text(flower.logs / "hospital-b.log", "Receiving: train message", 240, run)
+        os.killpg(b.pid, signal.SIGKILL)
+        b.wait(timeout=30)
+        log = wait_for_text(flower.logs / "flwr-run-stream.log", "round 1/2", 300, run)
+        assert "round 1/2: 1 hospitals" in log, flower.report()
+
+        flower.supernode("hospital-b-back", port, configs["hospital-b"],
+                         *auth(nodes["hospital-b"], certs.ca_cert))
+        assert wait_exit(run, timeout=400) == 0, flower.report()
+        log = (flower.logs / "flwr-run-stream.log").read_text()
+        assert "round 2/2: 2 hospitals" in log, flower.report()
+
+    summary = json.loads((out / "release" / "release.json").read_text())
+    per_hospital = summary["privacy"]["per_hospital"]
+    assert per_hospital["hospital-a"]["rounds"] == [1, 2]
+    assert per_hospital["hospital-b"]["rounds"] == [2]
+    # whatever b logged before it died stays counted in its own ledger; the release carries
+    # only the entry of the round it completed, and that entry is in b's ledger
+    own = read_entries(nodes["hospital-b"].state_dir / "ledger.jsonl")
+    released = read_entries(out / "release" / "ledger" / "hospital-b.jsonl")
+    assert [e["round"] for e in released] == [2] and released[0] in own
