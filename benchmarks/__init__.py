@@ -1,0 +1,1 @@
+"""fedsynth benchmarks: `python -m benchmarks` (see benchmarks/RESULTS.md)."""
