@@ -16,6 +16,11 @@ on real images would be a statistic of the hospital's data, so it is not sent
 
 The hospital's budget (epsilon, delta) comes from its node config and is enforced here:
 whatever the server's run config says, the node never trains past it.
+
+An `evaluate` message (federated evaluation at release, `evaluate_reply`) is answered the
+same way: budget check for all the releases it asks for, DP statistics of the held-out
+images (client/evaluate.py), one signed ledger entry per release, then the noised
+statistics and the entries -- never a feature, an image or an exact count.
 """
 
 from __future__ import annotations
@@ -25,15 +30,19 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import evaluate as evaluation
 from client import ledger as ledger_mod
 from client.data import DataError, HospitalData, data_stamp, load_hospital
 from client.node import Hospital
 from client.train import DPPlan, calibrate_noise, sample_rate, train_round
+from shared import evaluation as protocol
 from shared import models, weights
 from shared.config import RunConfig
+from shared.dp_stats import calibrate_noise_multiplier
 
 log = logging.getLogger("fedsynth.client")
 
@@ -150,4 +159,86 @@ def train_reply(content: RecordDict, run_config: dict, node_config: dict,
 def train(msg: Message, context: Context) -> Message:
     content = train_reply(msg.content, dict(context.run_config), dict(context.node_config),
                           context.node_id)
+    return Message(content=content, reply_to=msg)
+
+
+def evaluate_reply(content: RecordDict, run_config: dict, node_config: dict,
+                   node_id: int = 0) -> RecordDict:
+    """The evaluate handler without Flower's runtime around it (tests call it directly).
+
+    receive public inputs made from synthetic images (shared/evaluation.py)
+    plan: one Gaussian mechanism per requested release, together eval-epsilon (RDP)
+    budget check: epsilon after them > the hospital's own epsilon? -> refuse
+    features of the held-out images, DP releases (client/evaluate.py)
+    append a signed ledger entry per release and fsync    <- spend counted here
+    reply: the noised statistics, privacy figures, the signed entries
+    """
+    cfg = RunConfig.from_flat(run_config)
+    hospital = Hospital.from_node_config(node_config, cfg, node_id)
+    instruction = content["config"]
+    run_id, rnd = str(instruction["run-id"]), int(instruction["round"])
+    names = protocol.parse_evaluations(str(instruction["evaluations"]))
+
+    # delta and the ledger's dataset size are the training set's: public, and the same
+    # delta as every training entry, so the ledger's epsilon stays one composition.
+    n = len(hospital_data(hospital, cfg))
+    delta = privacy_delta(hospital, n)
+    epsilons = protocol.release_epsilons(names, cfg.eval_epsilon, delta)
+    planned = {name: calibrate_noise_multiplier(epsilons[name], delta) for name in names}
+    ledger = ledger_mod.Ledger(hospital.state_dir, hospital.hospital_id)
+    spent_before = ledger.epsilon(delta)
+    eps_after = ledger.epsilon_after([(z, 1.0, 1) for z in planned.values()], delta)
+    common = {"delta": delta, "budget-epsilon": hospital.epsilon_budget,
+              "eval-epsilon": cfg.eval_epsilon}
+    if eps_after > hospital.epsilon_budget:
+        log.warning("%s: evaluation would reach epsilon %.3f > budget %.3f; not evaluating",
+                    hospital.hospital_id, eps_after, hospital.epsilon_budget)
+        return RecordDict({
+            "status": ConfigRecord({"status": STATUS_BUDGET,
+                                    "hospital-id": hospital.hospital_id}),
+            "metrics": MetricRecord({"epsilon": spent_before,
+                                     "epsilon-next": eps_after, **common}),
+        })
+
+    try:
+        data = evaluation.held_out_data(hospital, cfg)
+    except DataError as e:  # names local paths: stays in the node's log
+        log.error("%s: %s", hospital.hospital_id, e)
+        raise DataError(f"{hospital.hospital_id}: no usable held-out data for evaluation; "
+                        "the node's log says why") from None
+    seed = ledger_mod.node_seed(hospital.state_dir, run_id, "evaluate", rnd, cfg.seed)
+    generator = torch.Generator().manual_seed(seed)
+    releases = evaluation.releases(names, content, data, cfg, epsilons, delta, generator)
+
+    reply = RecordDict()
+    entries = []
+    for release in releases:
+        if release.mechanism.noise_multiplier != planned[release.name]:
+            raise RuntimeError(f"{release.name}: noise multiplier "
+                               f"{release.mechanism.noise_multiplier} differs from the plan")
+        entries.append(ledger.append(
+            run_id=run_id, round=rnd, mechanism="gaussian",
+            purpose=protocol.purpose(release.name),
+            noise_multiplier=release.mechanism.noise_multiplier, sample_rate=1.0, steps=1,
+            max_grad_norm=release.mechanism.sensitivity, dataset_size=n, delta=delta,
+            budget_epsilon=hospital.epsilon_budget,
+            weights_sha256=weights.digest(release.arrays),
+        ))
+        reply[protocol.record_name(release.name)] = protocol.to_record(release.arrays)
+    log.info("%s: evaluation released (%s), epsilon %.3f of %.3f", hospital.hospital_id,
+             ", ".join(names), entries[-1]["epsilon"], hospital.epsilon_budget)
+    reply["metrics"] = MetricRecord({"epsilon": entries[-1]["epsilon"],
+                                     "epsilon-before": spent_before, **common})
+    reply["status"] = ConfigRecord({"status": STATUS_OK, "hospital-id": hospital.hospital_id})
+    reply["ledger"] = ConfigRecord({
+        "entries": json.dumps(entries, sort_keys=True),
+        "public-key": ledger_mod.public_key_pem(ledger.public_key),
+    })
+    return reply
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    content = evaluate_reply(msg.content, dict(context.run_config), dict(context.node_config),
+                             context.node_id)
     return Message(content=content, reply_to=msg)

@@ -9,6 +9,9 @@ are read. Keys:
     state-dir        where the ledger, keys and caches live           (required)
     epsilon          the hospital's total epsilon budget              (required)
     delta            the hospital's delta                             (default 1e-5)
+    eval-data-path   held-out scans (folder or .npz) for federated evaluation (default:
+                     the run's eval-split of data-path if that is a .npz; a folder of
+                     scans has no held-out split, so without it evaluation is declined)
 
 For a folder of scans (`client.sources` reads it; ignored for a .npz file):
 
@@ -31,7 +34,8 @@ label is not among them is skipped and reported, never turned into a new class.
 In simulation there is no node config beyond Flower's `partition-id` and
 `num-partitions`, so the simulated hospitals take their data from the run config's
 `data-path` partition, their state from `<output-dir>/hospitals/hospital-<id>`, and
-their budget from `sim-hospital-epsilon` (or `target-epsilon`).
+their budget from `sim-hospital-epsilon` (or `target-epsilon`, plus `eval-epsilon` when
+the run evaluates: `simulated_budget`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from client.sources import FORMATS, LABEL_FROM, SourceSettings
 from shared.config import ConfigError, RunConfig
 
 NODE_KEYS = (
-    "hospital-id", "data-path", "state-dir", "epsilon", "delta",
+    "hospital-id", "data-path", "state-dir", "epsilon", "delta", "eval-data-path",
     "data-format", "label-from", "label-manifest", "label-attribute", "nifti-axis",
     "window-center", "window-width", "min-size", "preprocess-cache",
 )
@@ -65,6 +69,7 @@ class Hospital:
     # How a folder of scans is read (root = data_path; class names come from the run).
     source: SourceSettings = field(default_factory=lambda: SourceSettings(root=Path(".")))
     preprocess_cache: bool = True
+    eval_data_path: Path | None = None   # held-out data for evaluation (see eval-data-path)
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any], cfg: RunConfig,
@@ -76,7 +81,7 @@ class Hospital:
                 hospital_id=f"hospital-{pid}",
                 data_path=data_path,
                 state_dir=Path(cfg.output_dir) / "hospitals" / f"hospital-{pid}",
-                epsilon_budget=cfg.sim_hospital_epsilon or cfg.target_epsilon,
+                epsilon_budget=cfg.sim_hospital_epsilon or simulated_budget(cfg),
                 delta_budget=cfg.target_delta,
                 partition_id=pid,
                 num_partitions=int(node_config["num-partitions"]),
@@ -103,7 +108,17 @@ class Hospital:
             delta_budget=delta,
             source=source_settings(node_config, data_path),
             preprocess_cache=_flag(node_config, "preprocess-cache", True),
+            eval_data_path=(Path(str(node_config["eval-data-path"]))
+                            if node_config.get("eval-data-path") else None),
         )
+
+
+def simulated_budget(cfg: RunConfig) -> float:
+    """A simulated hospital's epsilon when sim-hospital-epsilon is 0: the training target,
+    plus the evaluation's epsilon when the run evaluates (training is calibrated to reach
+    target-epsilon, so without that headroom every hospital would refuse the evaluation).
+    RDP composes the two to less than their sum; each node's ledger checks the exact figure."""
+    return cfg.target_epsilon + (cfg.eval_epsilon if cfg.evaluate else 0.0)
 
 
 def source_settings(node_config: dict[str, Any], data_path: Path) -> SourceSettings:

@@ -11,6 +11,7 @@
                                   folded into FedAvg weighted by declared dataset size
         fewer than min-hospitals trained -> stop cleanly (release what exists)
         aggregate; EMA of the generator; checkpoint; sample grid
+    evaluate = true: DP scores from the hospitals' held-out images (server/evaluation.py)
     release (server/release.py)
 
 The server never sees a hospital's data or its budget settings beyond what the
@@ -31,7 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 
 from client.app import STATUS_BUDGET, STATUS_OK
-from server import checkpoint, release
+from server import checkpoint, evaluation, release
 from server.checkpoint import ServerState
 from server.strategy import FedAvg, ema
 from shared import models, weights
@@ -198,7 +199,14 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         _say(f"stopping early: {stopped}")
         if state.round == 0:
             raise StopRun(f"{stopped}; no round completed, nothing to release")
-    where = release.write_release(out, cfg, state, global_w, ema_w, stopped=stopped)
+    scores = None
+    if cfg.evaluate:
+        _say(f"evaluating the release on the hospitals' held-out images "
+             f"(eval-epsilon {cfg.eval_epsilon:g} each)")
+        scores = evaluation.evaluate_release(grid, cfg, state, ema_w, wait_for_nodes(grid, cfg))
+        _say(evaluation.summary_line(scores))
+    where = release.write_release(out, cfg, state, global_w, ema_w, stopped=stopped,
+                                  evaluation=scores)
     summary = release.privacy_summary(state)
     for hospital, p in summary["per_hospital"].items():
         _say(f"{hospital}: epsilon {p['epsilon']:.3f} (delta {p['delta']:.2e}, "

@@ -12,7 +12,9 @@
                                        use keys obtained from the hospitals themselves)
         updates.json                   digest of every update the server received
         release.json                   rounds, hospitals, per-hospital (epsilon, delta),
-                                       the max over hospitals, config, seeds
+                                       the max over hospitals, config, seeds, and (when the
+                                       run evaluates) `evaluation`: the DP scores with their
+                                       privacy cost (server/evaluation.py)
 
 Everything here is post-processing of the hospitals' DP outputs: it costs no privacy.
 """
@@ -83,20 +85,31 @@ def save_grid(generator: nn.Module, cfg: RunConfig, path: Path, columns: int = 1
 
 
 def privacy_summary(state: ServerState) -> dict[str, Any]:
-    """Per-hospital (epsilon, delta) from the last ledger entry each one returned."""
+    """Per-hospital (epsilon, delta) from the last ledger entry each one returned.
+
+    That entry's epsilon is the hospital's whole spend (training and, when the run evaluates,
+    the evaluation's releases after it); the training mechanism's figures come from the last
+    training entry.
+    """
     per = {}
     for hospital, entries in sorted(state.ledger.items()):
         if not entries:
             continue
         last = entries[-1]
+        training = [e for e in entries if not str(e.get("purpose", "")).startswith("eval-")]
+        last_training = training[-1] if training else last
         per[hospital] = {
             "epsilon": last["epsilon"], "delta": last["delta"],
             "budget_epsilon": last.get("budget_epsilon"),
-            "rounds": sorted({e["round"] for e in entries if e["run_id"] == state.run_id}),
-            "steps": sum(e["steps"] for e in entries),
-            "noise_multiplier": last["noise_multiplier"], "sample_rate": last["sample_rate"],
+            "rounds": sorted({e["round"] for e in training if e["run_id"] == state.run_id}),
+            "steps": sum(e["steps"] for e in training),
+            "noise_multiplier": last_training["noise_multiplier"],
+            "sample_rate": last_training["sample_rate"],
             "accountant": last.get("accountant", "rdp"),
         }
+        if len(training) < len(entries):
+            per[hospital]["epsilon_training"] = last_training["epsilon"]
+            per[hospital]["evaluation_releases"] = len(entries) - len(training)
     eps = [p["epsilon"] for p in per.values()]
     return {
         "unit": "one image, add/remove adjacency",
@@ -109,7 +122,8 @@ def privacy_summary(state: ServerState) -> dict[str, Any]:
 
 def write_release(output_dir: Path, cfg: RunConfig, state: ServerState,
                   global_weights: dict[str, np.ndarray],
-                  ema_weights: dict[str, np.ndarray], stopped: str = "") -> Path:
+                  ema_weights: dict[str, np.ndarray], stopped: str = "",
+                  evaluation: dict[str, Any] | None = None) -> Path:
     out = Path(output_dir) / "release"
     tmp = Path(output_dir) / ".release-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -157,6 +171,8 @@ def write_release(output_dir: Path, cfg: RunConfig, state: ServerState,
         "config": cfg.to_flat(),
         "metrics": state.rounds[-1].get("clients", {}) if state.rounds else {},
     }
+    if evaluation is not None:
+        release["evaluation"] = evaluation
     (tmp / "release.json").write_text(json.dumps(release, indent=1, sort_keys=True))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -109,8 +109,36 @@ KNOBS: tuple[Knob, ...] = (
     Knob("dirichlet-alpha", 0.5, "Simulation: Dirichlet concentration (smaller = more skew).",
          _positive, "> 0"),
     Knob("sim-hospital-epsilon", 0.0,
-         "Simulation: every simulated hospital's own epsilon budget (0 = target-epsilon).",
+         "Simulation: every simulated hospital's own epsilon budget (0 = target-epsilon, "
+         "plus eval-epsilon when evaluate = true).",
          _nonnegative, ">= 0"),
+    # --- federated evaluation at release (docs: server/evaluation.py)
+    Knob("evaluate", False,
+         "Server: after the last round, evaluate the release on the hospitals' held-out "
+         "images (FID, per-class FID, recall, train-on-synthetic accuracy/AUC), with DP.",
+         lambda v: isinstance(v, bool), "true or false"),
+    Knob("eval-epsilon", 1.0,
+         "Epsilon each hospital spends on one evaluation, all its releases together "
+         "(on top of training: a hospital's budget needs this headroom).",
+         _positive, "> 0"),
+    Knob("eval-samples", 200, "Synthetic images per class that the evaluation scores.",
+         lambda v: v >= 4, ">= 4"),
+    Knob("eval-split", "test",
+         "Simulation: the held-out split of data-path the hospitals evaluate on.",
+         lambda v: v in ("val", "test"), "val or test"),
+    Knob("eval-features", "inception",
+         "Feature network: inception (the standard FID InceptionV3, offline) or tiny "
+         "(a fixed random conv net: fast, for tests only, not comparable with papers).",
+         lambda v: v in ("inception", "tiny"), "inception or tiny"),
+    Knob("eval-fid-dims", 16,
+         "DP FID is measured in a fixed random subspace of this many feature dimensions, "
+         "the same for every generator (0 = all features: the standard FID space, far "
+         "noisier under DP).",
+         _nonnegative, ">= 0"),
+    Knob("eval-clip-norm", 18.0,
+         "Clipping norm of a hospital's features after centering on the synthetic mean and "
+         "projecting (in full-feature units): the sensitivity of the DP FID statistics.",
+         _positive, "> 0"),
     # --- outputs
     Knob("output-dir", "outputs/run", "Server: checkpoints, sample grids and the release.",
          lambda v: bool(v), "a path"),
@@ -157,6 +185,12 @@ def validate(values: dict[str, Any], source: str = "config") -> dict[str, Value]
         if not knob.check(value):
             raise ConfigError(f"{source}: {key} = {value!r}: must be {knob.requirement}")
         out[key] = value
+    synthetic = out["eval-samples"] * len(str(out["class-names"]).split(","))
+    if out["eval-fid-dims"] >= synthetic:
+        raise ConfigError(
+            f"{source}: eval-fid-dims = {out['eval-fid-dims']} needs more than that many synthetic "
+            f"images (eval-samples x classes = {synthetic}); lower it or raise eval-samples"
+        )
     if out["min-hospitals"] > out["num-hospitals"]:
         raise ConfigError(
             f"{source}: min-hospitals = {out['min-hospitals']} exceeds "
@@ -212,6 +246,13 @@ class RunConfig:
     partition: str
     dirichlet_alpha: float
     sim_hospital_epsilon: float
+    evaluate: bool
+    eval_epsilon: float
+    eval_samples: int
+    eval_split: str
+    eval_features: str
+    eval_fid_dims: int
+    eval_clip_norm: float
     output_dir: str
     samples_per_class: int
     resume: bool

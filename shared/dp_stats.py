@@ -150,6 +150,25 @@ def calibrate_noise_multiplier(epsilon: float, delta: float) -> float:
         )
 
 
+def split_epsilon(epsilon: float, delta: float, weights: Mapping[str, float]) -> dict[str, float]:
+    """Per-release epsilons for several Gaussian releases that together cost ``epsilon`` at ``delta``.
+
+    Full-batch Gaussian mechanisms compose in RDP by adding ``alpha / (2 z_i^2)``; giving release
+    i the noise multiplier ``z / sqrt(w_i)`` (``w`` normalised to sum 1, ``z`` calibrated for one
+    release at ``epsilon``) makes their composition exactly that of one release at ``z``. Each
+    release's own epsilon is returned, to be passed to the ``dp_*``/``gaussian_*`` functions:
+    calibrating to it gives a noise multiplier of at least ``z / sqrt(w_i)``, so the composition
+    costs at most ``epsilon`` (the ledger recomputes the exact figure).
+    """
+    total = sum(weights.values())
+    if not weights or min(weights.values()) <= 0:
+        raise ValueError(f"release weights must be positive, got {dict(weights)}")
+    noise_multiplier = calibrate_noise_multiplier(epsilon, delta)
+    if noise_multiplier == 0:
+        return {name: math.inf for name in weights}
+    return {name: rdp_epsilon(noise_multiplier / math.sqrt(w / total), delta) for name, w in weights.items()}
+
+
 def _make_generator(generator: torch.Generator | None) -> torch.Generator:
     if generator is not None:
         return generator
@@ -212,12 +231,18 @@ def clip_rows(features: torch.Tensor, clip_norm: float) -> torch.Tensor:
 class FeatureTransform:
     """Public per-image transform ``t(x) = clip(P^T (x - center), clip_norm)`` applied before statistics.
 
-    Each part is optional (None = skip). ``center`` (d,) and ``projection`` P (d, k, orthonormal
-    columns) must not depend on real images: the server derives them from synthetic features
-    (``from_synthetic``) and sends them to every hospital. Centering shrinks the clip an image
-    needs (FID is translation invariant, and the shift is added back to the mean); projecting
-    onto k << d directions is what makes DP FID usable at hospital scale (the noise on a k x k
-    covariance has spectral norm ~ sqrt(k)), at the price of measuring FID in that subspace.
+    Each part is optional (None = skip). ``center`` (d,) and ``projection`` P (d, k) must not
+    depend on real images: the server derives them from synthetic features or public randomness
+    and sends them to every hospital. Centering shrinks the clip an image needs (FID is
+    translation invariant, and the shift is added back to the mean); projecting onto k << d
+    directions is what makes DP FID usable at hospital scale (the noise on a k x k covariance
+    has spectral norm ~ sqrt(k)), at the price of measuring FID in that subspace.
+
+    Two projections: ``from_synthetic`` (top principal directions of the synthetic features:
+    most signal per dimension, but each generator gets its own subspace, so FIDs of different
+    generators are not comparable, and a mode-collapsed generator, which spans almost nothing,
+    scores deceptively well) and ``random_projection`` (one fixed random subspace for every
+    generator: comparable, and blind to nothing in expectation).
     """
 
     clip_norm: float | None = None
@@ -233,6 +258,25 @@ class FeatureTransform:
         if dim is not None:
             projection = torch.linalg.svd(fake - center, full_matrices=False).Vh[:dim].T.contiguous()
         return cls(clip_norm, center, projection)
+
+    @classmethod
+    def random_projection(cls, center: torch.Tensor, dim: int, *, clip_norm: float, seed: int) -> FeatureTransform:
+        """Center at ``center`` (d,); project on a random k = ``dim`` dimensional subspace.
+
+        ``P = sqrt(d / k) Q`` with Q (d, k) orthonormal columns from the QR decomposition of a
+        Gaussian matrix drawn with ``seed``: the same subspace for every generator and run with
+        that seed. The scale makes ``E |P^T v|^2 = |v|^2`` for any fixed v, so norms, the clip and
+        the mean and trace terms of FID stay in the units of the full d-dimensional features
+        (the square-root term is not linear: the figure is an estimate, not the full FID).
+        """
+        center = torch.as_tensor(center, dtype=torch.float64)
+        d = center.shape[0]
+        if not 0 < dim <= d:
+            raise ValueError(f"projection dimension must be in [1, {d}], got {dim}")
+        gaussian = torch.randn(d, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        q, r = torch.linalg.qr(gaussian)
+        q = q * torch.sign(torch.diagonal(r))  # a unique Q (Haar-distributed), whatever the QR sign convention
+        return cls(clip_norm, center, (q * math.sqrt(d / dim)).contiguous())
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         features = torch.as_tensor(features).double()
@@ -346,14 +390,15 @@ class FeatureStats:
         positive half of the noise spectrum, so FID is biased upwards); ``"soft_threshold"``
         subtracts the noise's expected spectral edge ``2 s sqrt(k)`` (s = the public noise std of
         one covariance entry) from every eigenvalue and clips at 0, which removes most of that
-        bias when k is large (2048) and over-shrinks when k is small (see the benchmark).
+        bias when k is large (2048) and over-shrinks when k is small (see the benchmark);
+        ``"none"`` returns the symmetrized noisy covariance as released (unbiased, indefinite).
         """
         if self.count < 2:
             raise ValueError(f"FID needs at least 2 samples, statistics hold {self.count:.1f}")
         mean = self.sum / self.count
         cov = (self.sum_outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
         cov = (cov + cov.T) / 2
-        if self.noisy:
+        if self.noisy and denoise != "none":
             eigenvalues, eigenvectors = torch.linalg.eigh(cov)
             if denoise == "psd":
                 eigenvalues = eigenvalues.clamp_min(0.0)
@@ -361,7 +406,7 @@ class FeatureStats:
                 edge = 2.0 * self.outer_noise_std / (self.count - 1) * math.sqrt(self.dim)
                 eigenvalues = (eigenvalues - edge).clamp_min(0.0)
             else:
-                raise ValueError(f"denoise must be 'psd' or 'soft_threshold', got {denoise!r}")
+                raise ValueError(f"denoise must be 'psd', 'soft_threshold' or 'none', got {denoise!r}")
             cov = (eigenvectors * eigenvalues) @ eigenvectors.T
         return mean + self.transform.shift(), cov
 
@@ -507,15 +552,23 @@ def fid_from_stats(real: FeatureStats, fake: FeatureStats | torch.Tensor, denois
 
     Synthetic features go through the real statistics' public transform first. Same formula as
     torchmetrics: ``|mu_r - mu_f|^2 + tr(S_r) + tr(S_f) - 2 sum sqrt(eig(S_r S_f))``, in float64.
-    ``denoise`` is passed to ``FeatureStats.mean_cov`` (only matters for noisy statistics).
+    ``denoise`` is passed to ``FeatureStats.mean_cov`` (only matters for noisy statistics), or is
+    ``"psd_sqrt"``: the trace terms, linear in the covariance, use the noisy covariance as
+    released (zero-mean noise: unbiased) and only the square-root term, which needs a PSD
+    matrix, uses the ``"psd"`` projection. Projecting everything adds the positive half of the
+    noise spectrum to ``tr(S_r)``, a bias of the order of the noise itself; ``"psd_sqrt"`` leaves
+    a much smaller bias (measured in tests/test_evaluation.py) but can go slightly below 0.
     """
     if not isinstance(fake, FeatureStats):
         fake = FeatureStats.from_features(fake, real.transform)
     real._check_compatible(fake)
-    mean_real, cov_real = real.mean_cov(denoise)
-    mean_fake, cov_fake = fake.mean_cov(denoise)
+    mean_real, cov_real = real.mean_cov("psd" if denoise == "psd_sqrt" else denoise)
+    mean_fake, cov_fake = fake.mean_cov("psd" if denoise == "psd_sqrt" else denoise)
     mean_term = (mean_real - mean_fake).square().sum()
-    trace_term = cov_real.trace() + cov_fake.trace()
+    if denoise == "psd_sqrt":
+        trace_term = real.mean_cov("none")[1].trace() + fake.mean_cov("none")[1].trace()
+    else:
+        trace_term = cov_real.trace() + cov_fake.trace()
     sqrt_term = torch.linalg.eigvals(cov_real @ cov_fake).sqrt().real.sum()
     return float(mean_term + trace_term - 2 * sqrt_term)
 
@@ -596,7 +649,6 @@ def dp_kernel_terms(
     include_pairs: bool = True,
     budget_split: Sequence[float] = (0.1, 0.45, 0.45),
     generator: torch.Generator | None = None,
-    seed: int = 0,
 ) -> tuple[KernelTerms, Mechanism]:
     """DP KID terms of one hospital against public synthetic features: ``(KernelTerms, Mechanism)``.
 
@@ -608,8 +660,14 @@ def dp_kernel_terms(
     ``2 (n_cap - 1) R`` (a replacement inside the subset moves ``2 (n_cap - 1)`` pair terms by at
     most R). Relative to the real/real mean this noise is ``~ 2 z R / n_cap``: usable for large
     hospitals only. ``budget_split`` is (count, cross_sum, pair_sum); without pairs the pair
-    weight goes to cross_sum. ``seed`` draws the subset (public randomness, independent of data).
+    weight goes to cross_sum.
+
+    The subset is a uniformly random one, drawn from ``generator`` like the noise. That is what
+    the sensitivity needs: a uniform subset of a neighbouring data set can be coupled to differ
+    by one replacement. A subset fixed by a public seed cannot (a permutation of n + 1 images
+    shares nothing with one of n), so removing one image could change every pair.
     """
+    generator = _make_generator(generator)
     real = _kernel_features(real_features, clip_norm, nonnegative)
     fake = _kernel_features(fake_features, clip_norm, nonnegative)
     k_min, k_max = kernel.bounds(real.shape[1], clip_norm, nonnegative)
@@ -621,7 +679,7 @@ def dp_kernel_terms(
     sensitivities = {"count": 1.0, "cross_sum": spread / 2}
     weights = {"count": budget_split[0], "cross_sum": budget_split[1]}
     if include_pairs:
-        order = torch.randperm(real.shape[0], generator=torch.Generator().manual_seed(seed))
+        order = torch.randperm(real.shape[0], generator=generator)
         subset = real[order[:n_cap]]
         pair_values = kernel(subset, subset) - center
         parts["pair_sum"] = pair_values.sum() - pair_values.diagonal().sum()

@@ -23,6 +23,7 @@ it; see ``shared.metrics.inception_score`` for what is offered instead.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -171,6 +172,23 @@ class PrecomputedFeatures(nn.Module):
         if features.ndim != 2 or features.shape[1] != self.num_features:
             raise ValueError(f"expected features of shape (N, {self.num_features}), got {tuple(features.shape)}")
         return features
+
+
+FEATURE_NETWORKS = ("inception", "tiny")
+
+
+@functools.lru_cache(maxsize=2)
+def feature_network(name: str) -> nn.Module:
+    """The network the run config's ``eval-features`` names, loaded once per process.
+
+    The server and every hospital must use the same one: FID compares their features.
+    ``"inception"`` is ``InceptionFeatures`` (2048-d); ``"tiny"`` is ``TinyFeatureNet(64, seed=0)``.
+    """
+    if name == "inception":
+        return InceptionFeatures()
+    if name == "tiny":
+        return TinyFeatureNet(num_features=64, seed=0)
+    raise ValueError(f"unknown feature network {name!r}: expected one of {', '.join(FEATURE_NETWORKS)}")
 
 
 def extract_features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
