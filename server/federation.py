@@ -101,9 +101,14 @@ def train_messages(nodes: Iterable[int], global_w: dict[str, np.ndarray], run_id
     ]
 
 
-def check_reply(reply: Message, cfg: RunConfig) -> tuple[str, dict[str, Any]]:
-    """Classify one reply: ("error"|"budget"|"ok", details). Never raises on bad replies."""
-    node = reply.metadata.src_node_id
+def check_reply(reply: Message, cfg: RunConfig,
+                node: int | None = None) -> tuple[str, dict[str, Any]]:
+    """Classify one reply: ("error"|"budget"|"ok", details). Never raises on bad replies.
+
+    `node` is the node the instruction went to: an error the SuperLink reports for an
+    unreachable node comes from the SuperLink, not from that node.
+    """
+    node = reply.metadata.src_node_id if node is None else node
     if reply.has_error():
         return "error", {"node": node, "reason": reply.error.reason}
     content = reply.content
@@ -145,13 +150,18 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
             stopped = f"only {len(nodes)} hospitals available, min-hospitals = {cfg.min_hospitals}"
             break
         started = time.monotonic()
-        replies = grid.send_and_receive(train_messages(nodes, global_w, state.run_id, rnd),
-                                        timeout=ROUND_TIMEOUT_S)
+        sent = train_messages(nodes, global_w, state.run_id, rnd)
+        replies = list(grid.send_and_receive(sent, timeout=ROUND_TIMEOUT_S))
         fedavg, record = FedAvg(), {"round": rnd, "clients": {}, "received": {},
                                     "failures": [], "exhausted": []}
         accepted = []
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        for node in sorted(set(dst.values()) - {dst.get(r.metadata.reply_to_message_id)
+                                                for r in replies}):
+            record["failures"].append({"node": node, "reason": "no reply within the timeout"})
+            _say(f"round {rnd}: node {node} did not reply within {ROUND_TIMEOUT_S:.0f}s")
         for reply in replies:
-            kind, info = check_reply(reply, cfg)
+            kind, info = check_reply(reply, cfg, dst.get(reply.metadata.reply_to_message_id))
             if kind == "error":
                 record["failures"].append({k: v for k, v in info.items()})
                 _say(f"round {rnd}: node {info['node']} failed: {info['reason']}")

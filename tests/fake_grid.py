@@ -95,6 +95,7 @@ class FakeGrid:
                          timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id   # as Flower's push does
             node = msg.metadata.dst_node_id
             if msg.metadata.message_type == MessageType.TRAIN:
                 self.sent.append((int(msg.content["config"]["round"]), node))
