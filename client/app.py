@@ -5,7 +5,8 @@
     budget check: epsilon after this round's steps > the hospital's own epsilon? -> refuse
     train (client/train.py), pack weights, digest them
     append a signed entry to the ledger and fsync it        <- spend counted here
-    reply: weights, scalar metrics, the signed ledger entry
+    reply: weights, scalar metrics, the signed ledger entry, and the node's whole ledger
+           (every entry it ever signed: the auditor recomputes epsilon from the start)
 
 What leaves the node: model weights (outputs of DP-SGD), the public dataset size as the
 FedAvg weight, losses on *generated* images only, privacy parameters, and the signed
@@ -150,6 +151,7 @@ def train_reply(content: RecordDict, run_config: dict, node_config: dict,
         "status": ConfigRecord({"status": STATUS_OK, "hospital-id": hospital.hospital_id}),
         "ledger": ConfigRecord({
             "entry": json.dumps(entry, sort_keys=True),
+            "chain": json.dumps(ledger.entries, sort_keys=True),
             "public-key": ledger_mod.public_key_pem(ledger.public_key),
         }),
     })
@@ -232,6 +234,7 @@ def evaluate_reply(content: RecordDict, run_config: dict, node_config: dict,
     reply["status"] = ConfigRecord({"status": STATUS_OK, "hospital-id": hospital.hospital_id})
     reply["ledger"] = ConfigRecord({
         "entries": json.dumps(entries, sort_keys=True),
+        "chain": json.dumps(ledger.entries, sort_keys=True),
         "public-key": ledger_mod.public_key_pem(ledger.public_key),
     })
     return reply

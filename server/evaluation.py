@@ -57,6 +57,7 @@ from flwr.serverapp import Grid
 from client.app import STATUS_BUDGET, STATUS_OK
 from server import release
 from server.checkpoint import ServerState
+from server.checkpoint import ledger_chain
 from shared import evaluation as protocol
 from shared import weights
 from shared.classifier import train_classifier
@@ -94,6 +95,7 @@ class Pooled:
     refused: list[str] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     entries: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    chains: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # whole ledgers
     public_keys: dict[str, str] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
 
@@ -183,7 +185,12 @@ def check_reply(reply: Message, cfg: RunConfig, names: list[str], synthetic: Syn
                 released[name] = protocol.classification_from_arrays(arrays, cfg.num_classes)
     except (KeyError, ValueError, TypeError) as e:   # ProtocolError and JSON errors are ValueErrors
         return "error", {"node": node, "hospital": hospital, "reason": f"rejected evaluation: {e}"}
+    try:
+        chain = ledger_chain(content, entries)
+    except ValueError as e:
+        return "error", {"node": node, "hospital": hospital, "reason": f"rejected ledger: {e}"}
     return "ok", {"node": node, "hospital": hospital, "metrics": metrics, "entries": entries,
+                  "chain": chain,
                   "released": released, "public_key": str(content["ledger"]["public-key"])}
 
 
@@ -204,6 +211,7 @@ def pool(replies: Iterable[Message], cfg: RunConfig, names: list[str], synthetic
         hospital, released = info["hospital"], info["released"]
         pooled.hospitals.append(hospital)
         pooled.entries[hospital] = info["entries"]
+        pooled.chains[hospital] = info["chain"]
         pooled.public_keys[hospital] = info["public_key"]
         pooled.epsilon[hospital] = float(info["metrics"]["epsilon"])
         for label, stats in released.get("fid-stats", {}).items():
@@ -299,7 +307,7 @@ def evaluate_release(grid: Grid, cfg: RunConfig, state: ServerState, ema_weights
                                     timeout=EVAL_TIMEOUT_S)
     pooled = pool(replies, cfg, names, synthetic, state.run_id)
     for hospital in pooled.hospitals:
-        state.ledger.setdefault(hospital, []).extend(pooled.entries[hospital])
+        state.ledger[hospital] = pooled.chains[hospital]
         state.public_keys[hospital] = pooled.public_keys[hospital]
     # Each release's own epsilon, from the entries (hospitals with a smaller delta pay a
     # little more for the same noise): the largest is reported.

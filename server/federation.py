@@ -133,7 +133,12 @@ def check_reply(reply: Message, cfg: RunConfig,
     if entry.get("weights_sha256") != received:
         return "error", {"node": node, "hospital": hospital,
                          "reason": "update does not match the digest in its ledger entry"}
+    try:
+        chain = checkpoint.ledger_chain(content, [entry])
+    except ValueError as e:
+        return "error", {"node": node, "hospital": hospital, "reason": f"rejected ledger: {e}"}
     return "ok", {"node": node, "hospital": hospital, "metrics": metrics, "entry": entry,
+                  "chain": chain,
                   "arrays": arrays, "digest": received,
                   "public_key": str(content["ledger"]["public-key"])}
 
@@ -187,7 +192,7 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         # then shows exactly the rounds it is made of, each with its recorded update. A
         # hospital's spend on an abandoned round stays counted in its own ledger.
         for info in accepted:
-            state.ledger.setdefault(info["hospital"], []).append(info["entry"])
+            state.ledger[info["hospital"]] = info["chain"]
             state.public_keys[info["hospital"]] = info["public_key"]
 
         global_w = fedavg.result()

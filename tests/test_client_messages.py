@@ -110,9 +110,12 @@ def test_trained_reply_carries_only_weights_scalars_and_the_signed_entry(tmp_pat
     assert set(metrics) == TRAINED_METRICS
     assert set(seen["status"].keys()) == STATUS_FIELDS
     assert dict(seen["status"]) == {"status": "ok", "hospital-id": "hospital-0"}
-    assert set(seen["ledger"].keys()) == {"entry", "public-key"}
+    assert set(seen["ledger"].keys()) == {"entry", "chain", "public-key"}
 
     entry = json.loads(seen["ledger"]["entry"])
+    # the node's whole ledger goes along (its first round: just this entry), so an auditor
+    # recomputes epsilon from the node's first spend; it holds ledger entries only
+    assert json.loads(seen["ledger"]["chain"]) == [entry]
     assert set(entry) == LEDGER_FIELDS
     assert entry["hospital_id"] == "hospital-0" and entry["run_id"] == "t" and entry["round"] == 1
     # the entry is signed by the key sent with it and names the digest of the weights sent
