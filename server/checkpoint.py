@@ -74,16 +74,3 @@ def load(path: Path) -> tuple[ServerState, dict[str, np.ndarray], dict[str, np.n
             return state, {k: g[k] for k in g.files}, {k: e[k] for k in e.files}
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from None
-
-
-def ledger_chain(content: Any, latest: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The hospital's whole ledger as it sent it, which must end with this reply's entries.
-
-    Keeping the whole chain (not only the entries of rounds the server completed) lets an
-    auditor recompute a hospital's epsilon from its first entry: spend on rounds that were
-    abandoned, re-sent after a crash, or on earlier runs is all in it.
-    """
-    chain = json.loads(content["ledger"]["chain"])
-    if not isinstance(chain, list) or chain[len(chain) - len(latest):] != latest:
-        raise ValueError("the ledger sent does not end with this reply's entries")
-    return chain

@@ -54,10 +54,9 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client.app import STATUS_BUDGET, STATUS_OK
 from server import release
 from server.checkpoint import ServerState
-from server.checkpoint import ledger_chain
+from server.replies import ledger_chain, status as reply_status
 from shared import evaluation as protocol
 from shared import weights
 from shared.classifier import train_classifier
@@ -149,20 +148,10 @@ def check_reply(reply: Message, cfg: RunConfig, names: list[str], synthetic: Syn
     An accepted reply has exactly one signed ledger entry per release, in order, each naming
     this run, the release's purpose, the Gaussian mechanism and the digest of the record sent.
     """
-    node = reply.metadata.src_node_id
-    if reply.has_error():
-        return "error", {"node": node, "reason": reply.error.reason}
-    content = reply.content
-    try:
-        status = content["status"]["status"]
-        hospital = str(content["status"]["hospital-id"])
-        metrics = dict(content["metrics"])
-    except KeyError as e:
-        return "error", {"node": node, "reason": f"malformed reply (no {e})"}
-    if status == STATUS_BUDGET:
-        return "budget", {"node": node, "hospital": hospital, "metrics": metrics}
-    if status != STATUS_OK:
-        return "error", {"node": node, "hospital": hospital, "reason": f"unknown status {status!r}"}
+    kind, info = reply_status(reply, reply.metadata.src_node_id)
+    if kind != "ok":
+        return kind, info
+    node, hospital, metrics, content = info["node"], info["hospital"], info["metrics"], reply.content
     try:
         entries = json.loads(content["ledger"]["entries"])
         if len(entries) != len(names):

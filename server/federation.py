@@ -31,8 +31,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client.app import STATUS_BUDGET, STATUS_OK
-from server import checkpoint, evaluation, release
+from server import checkpoint, evaluation, release, replies
 from server.checkpoint import ServerState
 from server.strategy import FedAvg, ema
 from shared import models, weights
@@ -108,20 +107,10 @@ def check_reply(reply: Message, cfg: RunConfig,
     `node` is the node the instruction went to: an error the SuperLink reports for an
     unreachable node comes from the SuperLink, not from that node.
     """
-    node = reply.metadata.src_node_id if node is None else node
-    if reply.has_error():
-        return "error", {"node": node, "reason": reply.error.reason}
-    content = reply.content
-    try:
-        status = content["status"]["status"]
-        hospital = str(content["status"]["hospital-id"])
-        metrics = dict(content["metrics"])
-    except KeyError as e:
-        return "error", {"node": node, "reason": f"malformed reply (no {e})"}
-    if status == STATUS_BUDGET:
-        return "budget", {"node": node, "hospital": hospital, "metrics": metrics}
-    if status != STATUS_OK:
-        return "error", {"node": node, "reason": f"unknown status {status!r}"}
+    kind, info = replies.status(reply, reply.metadata.src_node_id if node is None else node)
+    if kind != "ok":
+        return kind, info
+    node, hospital, metrics, content = info["node"], info["hospital"], info["metrics"], reply.content
     try:
         entry = json.loads(content["ledger"]["entry"])
         record = content["weights"]
@@ -134,7 +123,7 @@ def check_reply(reply: Message, cfg: RunConfig,
         return "error", {"node": node, "hospital": hospital,
                          "reason": "update does not match the digest in its ledger entry"}
     try:
-        chain = checkpoint.ledger_chain(content, [entry])
+        chain = replies.ledger_chain(content, [entry])
     except ValueError as e:
         return "error", {"node": node, "hospital": hospital, "reason": f"rejected ledger: {e}"}
     return "ok", {"node": node, "hospital": hospital, "metrics": metrics, "entry": entry,
@@ -156,16 +145,16 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
             break
         started = time.monotonic()
         sent = train_messages(nodes, global_w, state.run_id, rnd)
-        replies = list(grid.send_and_receive(sent, timeout=ROUND_TIMEOUT_S))
+        answers = list(grid.send_and_receive(sent, timeout=ROUND_TIMEOUT_S))
         fedavg, record = FedAvg(), {"round": rnd, "clients": {}, "received": {},
                                     "failures": [], "exhausted": []}
         accepted = []
         dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
         for node in sorted(set(dst.values()) - {dst.get(r.metadata.reply_to_message_id)
-                                                for r in replies}):
+                                                for r in answers}):
             record["failures"].append({"node": node, "reason": "no reply within the timeout"})
             _say(f"round {rnd}: node {node} did not reply within {ROUND_TIMEOUT_S:.0f}s")
-        for reply in replies:
+        for reply in answers:
             kind, info = check_reply(reply, cfg, dst.get(reply.metadata.reply_to_message_id))
             if kind == "error":
                 record["failures"].append({k: v for k, v in info.items()})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,14 +28,7 @@ from typing import Any
 import httpx
 
 BIN = Path(sys.executable).parent  # the venv's flower-superlink, flower-supernode, flwr
-OFFLINE_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
-               "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server.launch import OFFLINE_ENV, free_port  # noqa: E402  (one definition of each)
 
 
 def toml_value(v: Any) -> str:
