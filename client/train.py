@@ -19,6 +19,13 @@ a whole to norm B*C, so its mean has at most the norm a clipped real gradient ca
 without that, the unclipped fake term would outweigh the clipped real one and the
 discriminator would learn "everything is fake".
 
+How the real term is clipped does not change the mechanism, only its cost
+(`grad_sample_mode`): at 64x64, Opacus' ghost clipping computes each real image's gradient
+norm without keeping per-sample gradients (client/ghost_clipping.py adds the Conv2d norms
+Opacus lacks), then backpropagates sum_i min(1, C/||g_i||) l_i to get the clipped sum; at
+28x28, Opacus' per-sample hooks. The optimizer adds the same noise and steps the same
+accountant either way; tests/test_fast_dp_step.py checks both against per-sample autograd.
+
 Every `d-steps-per-g-step` discriminator steps, the generator takes one non-saturating
 step through the discriminator on B generated images (labels uniform over the public
 label set; the hospital's label frequencies are private), plus a mode-seeking term
@@ -40,11 +47,20 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client import ghost_clipping  # noqa: F401  (registers Conv2d ghost norms with Opacus)
 from client.data import HospitalData
 from shared.augment import RandomAugment
 from shared.config import RunConfig
 
 ADAM_BETAS = (0.5, 0.999)  # the seed paper's choice for both networks
+
+
+def grad_sample_mode(cfg: RunConfig) -> str:
+    """How Opacus clips the real images, chosen by measurement (benchmarks/RESULTS.md):
+    ghost clipping with client/ghost_clipping.py's Conv2d norms takes a third off the DP
+    step at 64x64; at 28x28 the layers are so small that per-sample hooks are a few percent
+    faster. Both compute the same clipped sum (tests/test_fast_dp_step.py)."""
+    return "hooks" if cfg.image_size <= 28 else "ghost"
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,65 @@ def _mode_seeking(fake: torch.Tensor, z: torch.Tensor, half: int) -> torch.Tenso
     return 1.0 / ((images / latents).mean() + 1e-5)
 
 
+def make_private(engine: PrivacyEngine, discriminator: nn.Module,
+                 optimizer: torch.optim.Optimizer, loader: DataLoader, plan: DPPlan,
+                 noise_rng: torch.Generator, mode: str):
+    """Opacus' make_private for the discriminator: Poisson sampling at the plan's rate,
+    clip C, noise sigma*C, summed losses. Returns (module, optimizer, real_loss, loader);
+    real_loss is Opacus' ghost-clipping criterion, or None in "hooks" mode."""
+    if mode not in ("ghost", "hooks"):
+        raise ValueError(f"grad_sample_mode {mode!r}: expected ghost or hooks")
+    common = dict(module=discriminator, optimizer=optimizer, data_loader=loader,
+                  noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                  poisson_sampling=True, loss_reduction="sum", noise_generator=noise_rng,
+                  grad_sample_mode=mode)
+    if mode == "hooks":
+        private_d, optimizer, loader = engine.make_private(**common)
+        return private_d, optimizer, None, loader
+    return engine.make_private(**common, criterion=nn.BCEWithLogitsLoss(reduction="sum"))
+
+
+def discriminator_gradient(private_d: nn.Module, opt_d, real_loss, real: torch.Tensor,
+                           labels: torch.Tensor, fake: torch.Tensor, y_fake: torch.Tensor,
+                           B: int, max_grad_norm: float) -> tuple[float, bool]:
+    """Leave the step's gradient g (module docstring) in the discriminator's `.grad`.
+
+    real: the (augmented) Poisson batch, (|S|, 1, S, S), labels (|S|,); fake: exactly B
+    generated images (B, 1, S, S), labels y_fake (B,). Opacus clips, noises and accounts
+    for the real term in `opt_d.pre_step()`. Returns the generated images' summed loss and
+    whether pre_step produced a gradient (the caller then steps opt_d.original_optimizer).
+    """
+    d_params = [p for p in private_d.parameters() if p.requires_grad]
+
+    # 1. Generated-image gradient: no patient data, no per-sample clipping, no noise.
+    opt_d.zero_grad(set_to_none=True)
+    private_d.disable_hooks()
+    loss_fake = _bce(private_d(fake, y_fake), 0.0, "sum")
+    loss_fake.backward()
+    fake_grads = [p.grad.detach().clone() for p in d_params]
+    norm = torch.sqrt(sum((g * g).sum() for g in fake_grads))
+    scale = min(1.0, B * max_grad_norm / (norm.item() + 1e-12))
+    for g in fake_grads:
+        g.mul_(scale)
+    for p in d_params:
+        p.grad = None
+    private_d.enable_hooks()
+
+    # 2. Real-image gradient: per-sample clip, then (pre_step) Gaussian noise, accountant.
+    if real_loss is None:                # Opacus' per-sample hooks
+        _bce(private_d(real, labels), 1.0, "sum").backward()
+    elif len(real) > 0:                  # ghost clipping: both of its backward passes
+        real_loss(private_d(real, labels), torch.ones(len(real))).backward()
+    else:                                # empty Poisson batch (Opacus' ghost norms reject
+        for p in d_params:               # it): the clipped sum is zero, the noise is not
+            p.grad = torch.zeros_like(p)
+    if not opt_d.pre_step():
+        return loss_fake.item(), False
+    for p, g in zip(d_params, fake_grads):
+        p.grad.add_(g).div_(B)
+    return loss_fake.item(), True
+
+
 def train_round(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -113,11 +188,14 @@ def train_round(
     plan: DPPlan,
     seed: int,
     accountant_history: list[tuple[float, float, int]] | None = None,
+    mode: str | None = None,
 ) -> tuple[RoundStats, list[tuple[float, float, int]]]:
     """Train both networks in place for plan.steps DP discriminator steps.
 
     Returns the round's statistics (generated-image losses only) and the accountant's
     history after this round (previous history + this round's steps).
+    `mode`: how Opacus clips the real images ("ghost" or "hooks"; default
+    `grad_sample_mode(cfg)`).
     """
     torch.manual_seed(seed)
     sampling_rng = torch.Generator().manual_seed(seed + 1)
@@ -132,11 +210,8 @@ def train_round(
                         batch_size=cfg.batch_size,
                         generator=sampling_rng)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr_d, betas=ADAM_BETAS)
-    private_d, opt_d, loader = engine.make_private(
-        module=discriminator, optimizer=opt_d, data_loader=loader,
-        noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=True, loss_reduction="sum", noise_generator=noise_rng,
-    )
+    private_d, opt_d, real_loss, loader = make_private(
+        engine, discriminator, opt_d, loader, plan, noise_rng, mode or grad_sample_mode(cfg))
     if len(data) != plan.dataset_size or abs(1 / len(loader) - plan.sample_rate) > 1e-12:
         raise RuntimeError(f"DP plan {plan} does not match the data actually sampled")
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_g, betas=ADAM_BETAS)
@@ -158,31 +233,15 @@ def train_round(
             batches = iter(loader)
             real, labels = next(batches)
 
-        # 1. Generated-image gradient: no patient data, no clipping, no noise.
-        opt_d.zero_grad(set_to_none=True)
-        private_d.disable_hooks()
         with torch.no_grad():
             fake, y_fake = generated(B)
-        loss_fake = _bce(private_d(fake, y_fake), 0.0, "sum")
-        loss_fake.backward()
-        fake_grads = [p.grad.detach().clone() for p in d_params]
-        norm = torch.sqrt(sum((g * g).sum() for g in fake_grads))
-        scale = min(1.0, B * plan.max_grad_norm / (norm.item() + 1e-12))
-        for g in fake_grads:
-            g.mul_(scale)
-        for p in d_params:
-            p.grad = None
-        private_d.enable_hooks()
-
-        # 2. Real-image gradient: per-sample clip, Gaussian noise, accountant step.
-        loss_real = _bce(private_d(augment(real, sampling_rng), labels), 1.0, "sum")
-        loss_real.backward()
-        if opt_d.pre_step():
-            for p, g in zip(d_params, fake_grads):
-                p.grad.add_(g).div_(B)
+        loss_fake, stepped = discriminator_gradient(
+            private_d, opt_d, real_loss, augment(real, sampling_rng), labels, fake, y_fake,
+            B, plan.max_grad_norm)
+        if stepped:
             opt_d.original_optimizer.step()
         opt_d.zero_grad(set_to_none=True)
-        d_fake_sum += loss_fake.item() / B
+        d_fake_sum += loss_fake / B
 
         # 3. Generator step through the frozen, hook-free discriminator.
         if (step + 1) % cfg.d_steps_per_g_step == 0:

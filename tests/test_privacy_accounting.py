@@ -164,7 +164,8 @@ class _RecordingEngine(PrivacyEngine):
     made: list = []
 
     def make_private(self, **kwargs):
-        module, optimizer, loader = super().make_private(**kwargs)
+        made = super().make_private(**kwargs)  # ghost mode adds a criterion before the loader
+        optimizer, loader = made[1], made[-1]
         optimizer.noised_steps = 0
         inner = optimizer.pre_step
 
@@ -175,7 +176,7 @@ class _RecordingEngine(PrivacyEngine):
 
         optimizer.pre_step = pre_step
         _RecordingEngine.made.append((self, optimizer, loader))
-        return module, optimizer, loader
+        return made
 
 
 @pytest.mark.usefixtures("one_thread")
