@@ -37,6 +37,7 @@ from flwr.clientapp import ClientApp
 
 from client import evaluate as evaluation
 from client import ledger as ledger_mod
+from client import threads
 from client.data import DataError, HospitalData, data_stamp, load_hospital
 from client.node import Hospital
 from client.train import DPPlan, calibrate_noise, sample_rate, train_round
@@ -159,6 +160,7 @@ def train_reply(content: RecordDict, run_config: dict, node_config: dict,
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    log.info("torch threads: %d (%s)", *threads.apply(dict(context.node_config)))
     content = train_reply(msg.content, dict(context.run_config), dict(context.node_config),
                           context.node_id)
     return Message(content=content, reply_to=msg)
@@ -242,6 +244,7 @@ def evaluate_reply(content: RecordDict, run_config: dict, node_config: dict,
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    threads.apply(dict(context.node_config))
     content = evaluate_reply(msg.content, dict(context.run_config), dict(context.node_config),
                              context.node_id)
     return Message(content=content, reply_to=msg)

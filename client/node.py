@@ -27,6 +27,11 @@ For a folder of scans (`client.sources` reads it; ignored for a .npz file):
     min-size         smallest height or width kept, pixels            (default 16)
     preprocess-cache keep decoded, preprocessed images in state-dir/cache (default true)
 
+How the node computes (client/threads.py):
+
+    torch-threads    torch intra-op threads (default: Ray's CPU allocation in simulation,
+                     else the cores the process may use)
+
 Labels (subfolder names, CSV values, attribute values) are matched against the run
 config's public `class-names`; a value of decimal digits is a class index. A file whose
 label is not among them is skipped and reported, never turned into a new class.
@@ -53,7 +58,7 @@ from shared.config import ConfigError, RunConfig
 NODE_KEYS = (
     "hospital-id", "data-path", "state-dir", "epsilon", "delta", "eval-data-path",
     "data-format", "label-from", "label-manifest", "label-attribute", "nifti-axis",
-    "window-center", "window-width", "min-size", "preprocess-cache",
+    "window-center", "window-width", "min-size", "preprocess-cache", "torch-threads",
 )
 
 
