@@ -43,6 +43,7 @@ import hmac
 import logging
 import os
 import secrets
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -545,14 +546,34 @@ def read_dicom(path: Path) -> Dataset:
     subclass ``TruncatedDicomError`` for a file cut short inside an element.
     """
     try:
-        ds = dcmread(path)
+        ds = _dcmread(path)
     except InvalidDicomError:
-        ds = dcmread(path, force=True)
+        ds = _dcmread(path, force=True)
         if not ("SOPClassUID" in ds or ("PixelData" in ds and "Rows" in ds and "Columns" in ds)):
             raise InvalidDicomError(f"{path.name}: not a DICOM file") from None
     if _ends_early(ds, path.stat().st_size):
         raise TruncatedDicomError(f"{path.name}: file ends inside its last element")
     _fill_transfer_syntax(ds)
+    return ds
+
+
+# pydicom's warning when a file ends inside an undefined-length value (encapsulated pixel
+# data, a sequence) before its delimiter; it then returns what it read before the value, often
+# nothing, so the file would pass for one without pixel data.
+_EARLY_END = "End of file reached before delimiter"
+
+
+def _dcmread(path: Path, force: bool = False) -> Dataset:
+    """``dcmread``, raising ``TruncatedDicomError`` where pydicom only warns of an early end."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = dcmread(path, force=force)
+    for warning in caught:
+        if _EARLY_END in str(warning.message):
+            raise TruncatedDicomError(f"{path.name}: file ends before a delimiter")
+    for warning in caught:  # the others as pydicom gave them
+        warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                               warning.lineno)
     return ds
 
 
