@@ -617,23 +617,23 @@ def _code_string(value) -> str | None:
     return text if _CODE_STRING.fullmatch(text) else None
 
 
-class _DropAll(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
 @contextmanager
 def _pydicom_quiet():
-    """Silence pydicom's warnings and log records: they may quote values read from the file."""
+    """Silence pydicom's warnings and log records: they may quote values read from the file.
+
+    The level goes on the ``pydicom`` logger itself: its children (the pixel decoders log
+    every plugin's failure, with a traceback) inherit it, whereas a filter there would only
+    see records logged by ``pydicom`` by name, not those its children pass up.
+    """
     pydicom_log = logging.getLogger("pydicom")
-    drop_all = _DropAll()
-    pydicom_log.addFilter(drop_all)
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL + 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        pydicom_log.removeFilter(drop_all)
+        pydicom_log.setLevel(level)
 
 
 def _finite_unit(image: np.ndarray) -> np.ndarray:

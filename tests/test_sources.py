@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -317,6 +318,19 @@ def test_a_dicom_of_8x8_pixels_is_below_minimum_size(tmp_path):
     ds.save_as(tmp_path / "small.dcm")
     scans = read_scans(SourceSettings(tmp_path, label_from="none"))
     assert scans.skipped == [SkippedFile("small.dcm", "below minimum size (8x8 < 16)")]
+
+
+def test_pydicoms_own_log_records_stay_out_of_the_nodes_log(tmp_path, caplog):
+    # every decoder plugin fails on this file, and pydicom's decoders log each failure
+    # (with a traceback) through child loggers of "pydicom"
+    _copy("JPEG-lossy.dcm", tmp_path, "a.dcm")
+    caplog.set_level(logging.DEBUG)
+    level = logging.getLogger("pydicom").level
+    scans = read_scans(SourceSettings(tmp_path, label_from="none"))
+    assert [s.reason for s in scans.skipped] == [
+        "undecodable pixel data (JPEG Extended (Process 2 and 4))"]
+    assert [r.name for r in caplog.records if r.name.startswith("pydicom")] == []
+    assert logging.getLogger("pydicom").level == level  # restored afterwards
 
 
 def test_no_usable_images_gives_one_clear_line(tmp_path):
