@@ -46,6 +46,7 @@ import secrets
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,6 +349,25 @@ class ProfileCounts:
     private_removed: int = 0
 
 
+@contextmanager
+def pydicom_quiet():
+    """Silence pydicom's warnings and log records: they may quote values read from the file.
+
+    The level goes on the ``pydicom`` logger itself: its children (the pixel decoders log
+    every plugin's failure, with a traceback) inherit it, whereas a filter there would only
+    see records logged by ``pydicom`` by name, not those its children pass up.
+    """
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_log.setLevel(level)
+
+
 class TruncatedDicomError(InvalidDicomError):
     """The file ends before the value of its last data element does."""
 
@@ -376,38 +396,40 @@ def deidentify_tree(src: Path, dst: Path, *, salt: bytes | None = None) -> DeidR
         return pseudonymous_patient_id(patient_id, run_salt)
 
     report = DeidReport()
-    for path in _files_under(src):
-        try:
-            ds = read_dicom(path)
-        except TruncatedDicomError:
-            report.skipped["truncated"] += 1
-            continue
-        except Exception:  # noqa: BLE001 -- anything pydicom cannot parse is not copied
-            report.skipped["not DICOM"] += 1
-            continue
-        if _sop_class(ds) == MEDIA_STORAGE_DIRECTORY:
-            report.skipped["DICOMDIR"] += 1
-            continue
-        if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
-            report.skipped["burned-in annotation"] += 1
-            continue
-        out = dst / path.relative_to(src)
-        try:
-            tally = apply_basic_profile(ds, replace_uid, replace_patient_id)
-            apply_basic_profile(ds.file_meta, replace_uid)
-            _match_file_meta(ds)
-            mark_deidentified(ds)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(out, enforce_file_format=True)
-        except Exception:  # noqa: BLE001 -- e.g. a value pydicom will not re-encode
-            out.unlink(missing_ok=True)
-            report.skipped["unwritable"] += 1
-            log.debug("%s: could not be written after de-identification", path.relative_to(src))
-            continue
-        report.files_written += 1
-        report.elements_removed += tally.removed
-        report.elements_replaced += tally.replaced
-        report.private_elements_removed += tally.private_removed
+    with pydicom_quiet():  # its warnings and log records quote values from the files
+        for path in _files_under(src):
+            try:
+                ds = read_dicom(path)
+            except TruncatedDicomError:
+                report.skipped["truncated"] += 1
+                continue
+            except Exception:  # noqa: BLE001 -- anything pydicom cannot parse is not copied
+                report.skipped["not DICOM"] += 1
+                continue
+            if _sop_class(ds) == MEDIA_STORAGE_DIRECTORY:
+                report.skipped["DICOMDIR"] += 1
+                continue
+            if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+                report.skipped["burned-in annotation"] += 1
+                continue
+            out = dst / path.relative_to(src)
+            try:
+                tally = apply_basic_profile(ds, replace_uid, replace_patient_id)
+                apply_basic_profile(ds.file_meta, replace_uid)
+                _match_file_meta(ds)
+                mark_deidentified(ds)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                ds.save_as(out, enforce_file_format=True)
+            except Exception:  # noqa: BLE001 -- e.g. a value pydicom will not re-encode
+                out.unlink(missing_ok=True)
+                report.skipped["unwritable"] += 1
+                log.debug("%s: could not be written after de-identification",
+                          path.relative_to(src))
+                continue
+            report.files_written += 1
+            report.elements_removed += tally.removed
+            report.elements_replaced += tally.replaced
+            report.private_elements_removed += tally.private_removed
     report.uids_remapped = len(originals)
     log.info(
         "de-identified %d files (%d UIDs remapped); not copied: %s",
