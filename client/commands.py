@@ -19,17 +19,28 @@ def fail(message: str, code: int = 2) -> None:
 @app.command("budget")
 def client_budget(
     state_dir: Annotated[Path, typer.Argument(help="The node's state directory.")],
-    epsilon: Annotated[Optional[float], typer.Option(help="The node's epsilon budget.")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(
+        help="The node's epsilon budget (default: the one its last entry was made under).")] = None,
 ) -> None:
-    """Show what this node's privacy ledger has spent, entry by entry."""
-    from client.ledger import Ledger, LedgerError
+    """Show what this node's privacy ledger has spent, entry by entry, and what remains.
 
-    if not (state_dir / "ledger.jsonl").exists():
-        fail(f"{state_dir}: no ledger.jsonl (this node has not trained yet)")
+    Reads the ledger and checks its hash chain and signatures with the node's public
+    key; writes nothing. Exits 1 if the ledger does not verify, 2 if there is none.
+    """
+    from client.ledger import (LEDGER_FILE, PUBLIC_KEY, LedgerError, load_public_key,
+                               read_entries, verify_chain)
+
+    path = state_dir / LEDGER_FILE
+    if not path.exists():
+        fail(f"{state_dir}: no {LEDGER_FILE} (this node has not trained yet)")
     try:
-        entries = Ledger(state_dir, "?").entries
+        entries = read_entries(path)
+        problems = verify_chain(entries, load_public_key(state_dir / PUBLIC_KEY), str(path))
     except LedgerError as e:
         fail(str(e), code=1)
+    if problems:
+        fail(f"{problems[0]} ({len(problems)} problems in all; the node will not train on it)",
+             code=1)
     for e in entries:
         typer.echo(f"{e['time']}  run {e['run_id'][:8]}  round {e['round']:>3}  "
                    f"{e['mechanism']:<20} sigma {e['noise_multiplier']:.3f}  "
@@ -37,7 +48,12 @@ def client_budget(
                    f"epsilon {e['epsilon']:.3f}  (delta {e['delta']:.1e})")
     spent = entries[-1]["epsilon"] if entries else 0.0
     budget = epsilon if epsilon is not None else (entries[-1]["budget_epsilon"] if entries else None)
-    typer.echo(f"spent: epsilon {spent:.3f}" + (f" of {budget}" if budget else ""))
+    if budget is None:
+        typer.echo(f"spent: epsilon {spent:.3f}")
+        return
+    delta = f" at delta {entries[-1]['delta']:.1e}" if entries else ""
+    typer.echo(f"spent: epsilon {spent:.3f} of {budget:g}{delta}; "
+               f"remaining: {max(0.0, budget - spent):.3f}")
 
 
 @app.command("check-data")

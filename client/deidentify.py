@@ -43,8 +43,10 @@ import hmac
 import logging
 import os
 import secrets
+import warnings
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,6 +349,25 @@ class ProfileCounts:
     private_removed: int = 0
 
 
+@contextmanager
+def pydicom_quiet():
+    """Silence pydicom's warnings and log records: they may quote values read from the file.
+
+    The level goes on the ``pydicom`` logger itself: its children (the pixel decoders log
+    every plugin's failure, with a traceback) inherit it, whereas a filter there would only
+    see records logged by ``pydicom`` by name, not those its children pass up.
+    """
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_log.setLevel(level)
+
+
 class TruncatedDicomError(InvalidDicomError):
     """The file ends before the value of its last data element does."""
 
@@ -375,38 +396,40 @@ def deidentify_tree(src: Path, dst: Path, *, salt: bytes | None = None) -> DeidR
         return pseudonymous_patient_id(patient_id, run_salt)
 
     report = DeidReport()
-    for path in _files_under(src):
-        try:
-            ds = read_dicom(path)
-        except TruncatedDicomError:
-            report.skipped["truncated"] += 1
-            continue
-        except Exception:  # noqa: BLE001 -- anything pydicom cannot parse is not copied
-            report.skipped["not DICOM"] += 1
-            continue
-        if _sop_class(ds) == MEDIA_STORAGE_DIRECTORY:
-            report.skipped["DICOMDIR"] += 1
-            continue
-        if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
-            report.skipped["burned-in annotation"] += 1
-            continue
-        out = dst / path.relative_to(src)
-        try:
-            tally = apply_basic_profile(ds, replace_uid, replace_patient_id)
-            apply_basic_profile(ds.file_meta, replace_uid)
-            _match_file_meta(ds)
-            mark_deidentified(ds)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(out, enforce_file_format=True)
-        except Exception:  # noqa: BLE001 -- e.g. a value pydicom will not re-encode
-            out.unlink(missing_ok=True)
-            report.skipped["unwritable"] += 1
-            log.debug("%s: could not be written after de-identification", path.relative_to(src))
-            continue
-        report.files_written += 1
-        report.elements_removed += tally.removed
-        report.elements_replaced += tally.replaced
-        report.private_elements_removed += tally.private_removed
+    with pydicom_quiet():  # its warnings and log records quote values from the files
+        for path in _files_under(src):
+            try:
+                ds = read_dicom(path)
+            except TruncatedDicomError:
+                report.skipped["truncated"] += 1
+                continue
+            except Exception:  # noqa: BLE001 -- anything pydicom cannot parse is not copied
+                report.skipped["not DICOM"] += 1
+                continue
+            if _sop_class(ds) == MEDIA_STORAGE_DIRECTORY:
+                report.skipped["DICOMDIR"] += 1
+                continue
+            if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+                report.skipped["burned-in annotation"] += 1
+                continue
+            out = dst / path.relative_to(src)
+            try:
+                tally = apply_basic_profile(ds, replace_uid, replace_patient_id)
+                apply_basic_profile(ds.file_meta, replace_uid)
+                _match_file_meta(ds)
+                mark_deidentified(ds)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                ds.save_as(out, enforce_file_format=True)
+            except Exception:  # noqa: BLE001 -- e.g. a value pydicom will not re-encode
+                out.unlink(missing_ok=True)
+                report.skipped["unwritable"] += 1
+                log.debug("%s: could not be written after de-identification",
+                          path.relative_to(src))
+                continue
+            report.files_written += 1
+            report.elements_removed += tally.removed
+            report.elements_replaced += tally.replaced
+            report.private_elements_removed += tally.private_removed
     report.uids_remapped = len(originals)
     log.info(
         "de-identified %d files (%d UIDs remapped); not copied: %s",
@@ -545,14 +568,34 @@ def read_dicom(path: Path) -> Dataset:
     subclass ``TruncatedDicomError`` for a file cut short inside an element.
     """
     try:
-        ds = dcmread(path)
+        ds = _dcmread(path)
     except InvalidDicomError:
-        ds = dcmread(path, force=True)
+        ds = _dcmread(path, force=True)
         if not ("SOPClassUID" in ds or ("PixelData" in ds and "Rows" in ds and "Columns" in ds)):
             raise InvalidDicomError(f"{path.name}: not a DICOM file") from None
     if _ends_early(ds, path.stat().st_size):
         raise TruncatedDicomError(f"{path.name}: file ends inside its last element")
     _fill_transfer_syntax(ds)
+    return ds
+
+
+# pydicom's warning when a file ends inside an undefined-length value (encapsulated pixel
+# data, a sequence) before its delimiter; it then returns what it read before the value, often
+# nothing, so the file would pass for one without pixel data.
+_EARLY_END = "End of file reached before delimiter"
+
+
+def _dcmread(path: Path, force: bool = False) -> Dataset:
+    """``dcmread``, raising ``TruncatedDicomError`` where pydicom only warns of an early end."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = dcmread(path, force=force)
+    for warning in caught:
+        if _EARLY_END in str(warning.message):
+            raise TruncatedDicomError(f"{path.name}: file ends before a delimiter")
+    for warning in caught:  # the others as pydicom gave them
+        warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                               warning.lineno)
     return ds
 
 

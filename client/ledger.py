@@ -78,6 +78,12 @@ def ensure_keys(state_dir: Path) -> Ed25519PublicKey:
     private_path, public_path = state_dir / PRIVATE_KEY, state_dir / PUBLIC_KEY
     if private_path.exists():
         return load_private_key(private_path).public_key()
+    # A lost key is not replaced where something was signed with it: a new key would leave
+    # the ledger unverifiable and overwrite the public key the auditor holds.
+    for signed in (state_dir / LEDGER_FILE, public_path):
+        if signed.exists():
+            raise LedgerError(f"{private_path}: the ledger signing key is missing but {signed} "
+                              "exists; restore the key file from the node's backup")
     private_path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(private_path.parent, 0o700)
     key = Ed25519PrivateKey.generate()

@@ -51,7 +51,6 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +65,7 @@ from pydicom.uid import UID
 from client.deidentify import (
     IDENTIFYING_KEYWORDS,
     TruncatedDicomError,
+    pydicom_quiet,
     read_dicom,
     remove_identifiers,
 )
@@ -442,7 +442,7 @@ class _Window:
 
 
 def _read_dicom(path: Path, settings: SourceSettings) -> _ScanFile:
-    with _pydicom_quiet():
+    with pydicom_quiet():
         try:
             ds = read_dicom(path)
         except TruncatedDicomError:
@@ -615,25 +615,6 @@ def _code_string(value) -> str | None:
     """A DICOM CS value if it looks like one (so nothing else reaches reports), else None."""
     text = str(value).strip().upper() if value not in (None, "") else ""
     return text if _CODE_STRING.fullmatch(text) else None
-
-
-class _DropAll(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
-@contextmanager
-def _pydicom_quiet():
-    """Silence pydicom's warnings and log records: they may quote values read from the file."""
-    pydicom_log = logging.getLogger("pydicom")
-    drop_all = _DropAll()
-    pydicom_log.addFilter(drop_all)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        pydicom_log.removeFilter(drop_all)
 
 
 def _finite_unit(image: np.ndarray) -> np.ndarray:

@@ -222,3 +222,30 @@ def test_bundled_files_survive_deidentification_or_are_counted(tmp_path):
     for name in ("CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm"):
         before = pydicom.dcmread(src / name).pixel_array
         np.testing.assert_array_equal(pydicom.dcmread(tmp_path / "out" / name).pixel_array, before)
+
+
+def test_pydicoms_warnings_quoting_values_stay_out_of_deidentify_output(tmp_path, caplog,
+                                                                         recwarn, capfd):
+    # values pydicom finds invalid are quoted in its warnings and log records
+    src = tmp_path / "src"
+    src.mkdir()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    bad_uid = "1.2.0999.8675309.1"            # a leading zero: not a valid UID
+    with pytest.warns(UserWarning):
+        ds.StudyInstanceUID = bad_uid
+        ds.PatientID = "MRN8675309\\ALT"      # LO holds one value
+    ds.save_as(src / "a.dcm")
+    recwarn.clear()
+    capfd.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    level = logging.getLogger("pydicom").level
+
+    report = deidentify_tree(src, tmp_path / "out")
+
+    assert report.files_written == 1
+    said = (caplog.text + "".join(str(w.message) for w in recwarn.list)
+            + "".join(capfd.readouterr()))
+    for value in (bad_uid, "8675309"):
+        assert value not in said
+    assert logging.getLogger("pydicom").level == level  # restored afterwards

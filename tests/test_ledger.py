@@ -182,3 +182,59 @@ def test_ledger_epsilon_is_opacus_rdp_accountant_bit_for_bit():
     accountant.history = list(hist)
     assert rdp_epsilon(hist, 1e-5) == accountant.get_epsilon(1e-5)
     assert rdp_epsilon([], 1e-5) == 0.0
+
+
+def test_a_lost_signing_key_is_named_and_never_replaced(tmp_path):
+    ledger = Ledger(tmp_path, "hospital-0")
+    spend(ledger, 1)
+    (tmp_path / PRIVATE_KEY).unlink()
+    public, entries = (tmp_path / PUBLIC_KEY).read_bytes(), (tmp_path / LEDGER_FILE).read_bytes()
+    with pytest.raises(LedgerError, match=rf"{tmp_path / PRIVATE_KEY}: the ledger signing key "
+                                          "is missing but .*ledger.jsonl exists; restore"):
+        Ledger(tmp_path, "hospital-0")
+    assert not (tmp_path / PRIVATE_KEY).exists()
+    assert (tmp_path / PUBLIC_KEY).read_bytes() == public
+    assert (tmp_path / LEDGER_FILE).read_bytes() == entries
+
+
+def _budget(*args) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from shared.cli import app
+
+    result = CliRunner().invoke(app, ["client", "budget", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def test_client_budget_shows_each_entry_the_spend_and_what_remains(tmp_path):
+    ledger = Ledger(tmp_path, "hospital-0")
+    spend(ledger, 1)
+    last = spend(ledger, 2)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, out = _budget(tmp_path)
+    assert code == 0, out
+    assert [line.split()[4] for line in out.splitlines()[:2]] == ["1", "2"]   # round numbers
+    assert out.splitlines()[-1] == (f"spent: epsilon {last['epsilon']:.3f} of 50 at delta "
+                                    f"1.0e-05; remaining: {50 - last['epsilon']:.3f}")
+    code, out = _budget(tmp_path, "--epsilon", 10.0)
+    assert out.endswith(f"of 10 at delta 1.0e-05; remaining: {10 - last['epsilon']:.3f}\n")
+    # it only reads
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+
+
+def test_client_budget_refuses_a_tampered_ledger_or_a_missing_key(tmp_path):
+    ledger = Ledger(tmp_path, "hospital-0")
+    spend(ledger, 1)
+    spend(ledger, 2)
+    path = tmp_path / LEDGER_FILE
+    good = path.read_text()
+    path.write_text(good.replace('"steps":4', '"steps":1', 1))
+    code, out = _budget(tmp_path)
+    assert code == 1 and "entry 1 (round 1): hash does not match" in out
+    path.write_text(good)
+    (tmp_path / PUBLIC_KEY).unlink()
+    code, out = _budget(tmp_path)
+    assert code == 1 and "ledger-ed25519.pub.pem" in out
+    assert not (tmp_path / PUBLIC_KEY).exists()
+    code, out = _budget(tmp_path / "elsewhere")
+    assert code == 2 and "no ledger.jsonl" in out

@@ -145,3 +145,38 @@ def test_a_round_on_phi_dicom_leaks_nothing(phi_folder, tmp_path, caplog, capsys
     assert any(p.name == "ledger.jsonl" for p in kept)
     for path in kept:
         assert _leaks(path.read_bytes()) == [], path.relative_to(state)
+
+
+def test_a_federated_run_on_phi_dicom_leaves_none_in_the_servers_output(phi_folder, tmp_path,
+                                                                         caplog, capsys):
+    """The server's side: a whole run (round loop, checkpoint, sample grid, release) on the
+    PHI folder; nothing of it in any file under the output directory or in any log line."""
+    from fake_grid import FakeGrid, run_config
+    from server import federation
+
+    rc = run_config(tmp_path / "server", num_rounds=1, num_hospitals=1,
+                    class_names="CT,MR", batch_size=4)
+    nodes = {7: {"hospital-id": "h1", "data-path": str(phi_folder),
+                 "state-dir": str(tmp_path / "node-state"), "epsilon": 50.0}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    caplog.set_level(logging.DEBUG)
+    try:
+        with FakeGrid(rc, nodes) as grid:
+            release = federation.run(grid, RunConfig.from_flat(rc))
+    finally:
+        torch.set_num_threads(threads)
+
+    assert (release / "release.json").is_file()
+    written = sorted(p for p in (tmp_path / "server").rglob("*") if p.is_file())
+    assert {p.suffix for p in written} >= {".json", ".npz", ".png", ".jsonl", ".pt"}
+    for path in written:
+        assert _leaks(path.read_bytes()) == [], path.relative_to(tmp_path)
+        assert FILE_MARKER not in path.name
+    # logs: no PHI anywhere; file names only in the node's own debug log of skipped files
+    captured = capsys.readouterr()
+    assert _leaks((caplog.text + captured.out + captured.err).encode()) in ([], [FILE_MARKER])
+    assert "round 1/1" in captured.out  # the server's progress lines, on stdout
+    server_side = captured.out + "".join(r.getMessage() for r in caplog.records
+                                         if not r.name.startswith(("client", "fedsynth.client")))
+    assert _leaks(server_side.encode()) == []

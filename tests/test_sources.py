@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -17,18 +18,20 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.pixels import apply_modality_lut, apply_windowing
 
+from client.data import preprocess_images
 from client.sources import (
     NoUsableScans,
     SkippedFile,
     SourceSettings,
-    outcome_table,
     read_scans,
     require_usable,
 )
+from shared.config import RunConfig
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -52,7 +55,8 @@ HAVE_LIBJPEG = importlib.util.find_spec("libjpeg") is not None
 
 # Expected reasons for the bundled files that give no image; every other file must load.
 EXPECTED_SKIPS = {
-    "pydicom-data/emri_small_jpeg_2k_lossless_too_short.dcm": "no pixel data",
+    # encapsulated pixel data cut short: pydicom reaches the end before its delimiter
+    "pydicom-data/emri_small_jpeg_2k_lossless_too_short.dcm": "truncated file",
     "pydicom-data/liver.dcm": "non-image object (SEG)",
     "pydicom-data/liver_expb.dcm": "non-image object (SEG)",
     "pydicom/ExplVR_BigEndNoMeta.dcm": "non-image object (RTPLAN)",
@@ -158,6 +162,13 @@ def test_every_bundled_file_loads_or_is_skipped_with_its_reason(key, tmp_path):
         assert image.min() >= 0.0 and image.max() <= 1.0
     assert scans.labels == [0] * len(scans.images)
     assert scans.modalities == [str(header.get("Modality") or "OT")] * len(scans.images)
+    # and through training's preprocessing, at each model size
+    for size in (28, 64):
+        tensor = preprocess_images(scans.images, RunConfig.from_flat({"image-size": size}))
+        assert tensor.dtype == torch.float32
+        assert tuple(tensor.shape) == (len(scans.images), 1, size, size)
+        assert bool(torch.isfinite(tensor).all())
+        assert tensor.min() >= -1.0 and tensor.max() <= 1.0
 
 
 def test_every_expected_skip_names_a_bundled_file():
@@ -309,6 +320,19 @@ def test_a_dicom_of_8x8_pixels_is_below_minimum_size(tmp_path):
     assert scans.skipped == [SkippedFile("small.dcm", "below minimum size (8x8 < 16)")]
 
 
+def test_pydicoms_own_log_records_stay_out_of_the_nodes_log(tmp_path, caplog):
+    # every decoder plugin fails on this file, and pydicom's decoders log each failure
+    # (with a traceback) through child loggers of "pydicom"
+    _copy("JPEG-lossy.dcm", tmp_path, "a.dcm")
+    caplog.set_level(logging.DEBUG)
+    level = logging.getLogger("pydicom").level
+    scans = read_scans(SourceSettings(tmp_path, label_from="none"))
+    assert [s.reason for s in scans.skipped] == [
+        "undecodable pixel data (JPEG Extended (Process 2 and 4))"]
+    assert [r.name for r in caplog.records if r.name.startswith("pydicom")] == []
+    assert logging.getLogger("pydicom").level == level  # restored afterwards
+
+
 def test_no_usable_images_gives_one_clear_line(tmp_path):
     (tmp_path / "a.dcm").write_text("nope")
     (tmp_path / "b.dcm").write_bytes(b"")
@@ -398,18 +422,53 @@ def test_bad_manifest_names_the_file_and_the_fix(tmp_path):
         read_scans(SourceSettings(tmp_path, label_from="csv", label_manifest=manifest))
 
 
-def _print_outcome_table() -> None:
-    """Markdown table of what read_scans makes of every bundled file."""
+def _print_outcome_table(image_size: int = 28) -> None:
+    """Markdown table of what training's loader makes of every bundled file, one at a time:
+    loaded (a finite (N, 1, S, S) tensor in [-1, 1]), skipped with its reason, or crashed."""
     import tempfile
+    from collections import Counter
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for key, path in BUNDLED.items():
-            (root / key).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(path, root / key)
-        scans = read_scans(SourceSettings(root, format="dicom", label_from="none"))
-    print("| file | outcome | reason | shape |\n|---|---|---|---|")
-    for row in sorted(outcome_table(scans)):
+    from client.data import NoUsableData, load_hospital
+    from client.node import Hospital
+
+    cfg = RunConfig.from_flat({"image-size": image_size})
+    rows, counts = [], Counter()
+    for key, path in BUNDLED.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "scans"
+            root.mkdir()
+            os.symlink(path, root / path.name)
+            hospital = Hospital("table", root, Path(tmp) / "state", float("inf"), 1e-5,
+                                source=SourceSettings(root, format="dicom", label_from="none"),
+                                preprocess_cache=False)
+            try:
+                data = load_hospital(hospital, cfg)
+            except NoUsableData as e:
+                reason = e.skipped[0].reason
+                rows.append((key, "skipped", reason))
+                counts[f"skipped: {reason}"] += 1
+                continue
+            except Exception as e:  # noqa: BLE001 -- what the table is for
+                rows.append((key, "CRASHED", type(e).__name__))
+                counts["crashed"] += 1
+                continue
+        images = data.images
+        good = (tuple(images.shape[1:]) == (1, image_size, image_size)
+                and bool(torch.isfinite(images).all())
+                and images.min() >= -1.0 and images.max() <= 1.0)
+        (h, w), n = data.sizes[0], len(data)
+        rows.append((key, "loaded" if good else "BAD TENSOR",
+                     f"{n} image{'s' * (n > 1)} {h}x{w} {data.modalities[0]} -> "
+                     f"({n}, 1, {image_size}, {image_size})"))
+        counts["loaded" if good else "bad tensor"] += 1
+    print(f"What `client.data.load_hospital` (image-size {image_size}, data-format dicom) makes "
+          f"of each of the {len(BUNDLED)} files of pydicom {pydicom.__version__}'s bundled test "
+          "files and the pydicom-data package, one file at a time "
+          "(`python -m tests.test_sources`).\n")
+    for outcome, n in sorted(counts.items(), key=lambda c: (not c[0].startswith("loaded"), c[0])):
+        print(f"- {outcome}: {n}")
+    print("\n| file | outcome | images or reason |\n|---|---|---|")
+    for row in rows:
         print("| " + " | ".join(row) + " |")
 
 
