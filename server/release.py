@@ -11,8 +11,10 @@
         keys/<hospital>.pub.pem        the ledger keys the hospitals sent (an auditor should
                                        use keys obtained from the hospitals themselves)
         updates.json                   digest of every update the server received
-        release.json                   rounds, hospitals, per-hospital (epsilon, delta),
-                                       the max over hospitals, config, seeds, and (when the
+        release.json                   rounds, hospitals, per-hospital (epsilon, delta) as
+                                       claimed and as recomputed by shared/audit.py (RDP,
+                                       PRV), the guarantee (max over hospitals, with delta),
+                                       config, seeds, and (when the
                                        run evaluates) `evaluation`: the DP scores with their
                                        privacy cost (server/evaluation.py)
 
@@ -33,6 +35,7 @@ from torch import nn
 
 from server.checkpoint import ServerState
 from shared import models
+from shared.audit import audit_release
 from shared.config import RunConfig
 
 SAMPLE_SEED_OFFSET = 1_000_003  # release samples use seed + this: distinct from training
@@ -173,6 +176,18 @@ def write_release(output_dir: Path, cfg: RunConfig, state: ServerState,
     }
     if evaluation is not None:
         release["evaluation"] = evaluation
+    (tmp / "release.json").write_text(json.dumps(release, indent=1, sort_keys=True))
+    # The auditor's own checks (shared/audit.py, not the nodes' code) before anything is
+    # published: a release whose ledgers do not verify is not written.
+    report = audit_release(tmp)
+    if not report.ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"{out}: not written: its ledgers do not verify "
+                         f"({report.all_failures[0]})")
+    release["privacy"]["recomputed"] = {
+        h.hospital: {"rdp_epsilon": h.rdp_epsilon, "prv_epsilon": h.prv_epsilon}
+        for h in report.hospitals}
+    release["privacy"]["guarantee"] = report.guarantee()
     (tmp / "release.json").write_text(json.dumps(release, indent=1, sort_keys=True))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

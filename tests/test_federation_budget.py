@@ -148,3 +148,31 @@ def test_no_round_completed_means_no_release(tmp_path):
     with pytest.raises(federation.StopRun, match="no round completed"):
         run(tmp_path, rc, nodes)
     assert not (tmp_path / "out" / "release").exists()
+
+
+def test_release_json_carries_the_recomputed_epsilon_and_the_guarantee(dropped_run):
+    tmp, rc, nodes, budget, release, grid = dropped_run
+    privacy = json.loads((release / "release.json").read_text())["privacy"]
+    code, report = audit(release, "--keys", keys_from_hospitals(tmp, nodes))
+    rows = {h["hospital"]: h for h in report["hospitals"]}
+    assert set(privacy["recomputed"]) == set(rows) == {"hospital-a", "hospital-b", "hospital-c"}
+    for hospital, figures in privacy["recomputed"].items():
+        assert figures["rdp_epsilon"] == pytest.approx(rows[hospital]["rdp_epsilon"])
+        assert figures["prv_epsilon"] == pytest.approx(rows[hospital]["prv_epsilon"])
+        assert figures["rdp_epsilon"] == pytest.approx(
+            privacy["per_hospital"][hospital]["epsilon"], rel=1e-6)
+    assert privacy["guarantee"] == report["guarantee"]
+
+
+def test_the_server_refuses_to_write_a_release_whose_ledger_does_not_verify(dropped_run):
+    from server import checkpoint, release as release_mod
+
+    tmp, rc, nodes, budget, release, grid = dropped_run
+    before = (release / "release.json").read_text()
+    state, global_w, ema_w = checkpoint.load(checkpoint.latest(Path(rc["output-dir"])))
+    state.ledger["hospital-b"][1]["epsilon"] = 0.01     # a claim the signature does not cover
+    with pytest.raises(ValueError, match="do not verify.*hospital-b"):
+        release_mod.write_release(Path(rc["output-dir"]), RunConfig.from_flat(rc), state,
+                                  global_w, ema_w)
+    assert (release / "release.json").read_text() == before   # the last good release stays
+    assert sorted(p.name for p in release.parent.iterdir() if "release" in p.name) == ["release"]
