@@ -3,7 +3,7 @@
     start from a fresh model (seeded) or the newest checkpoint (resume)
     for each round:
         send global weights + (run id, round) to every hospital still in the run
-        for each reply:
+        for each reply, as it arrives (one reply in memory at a time):
             error              -> logged; the round goes on without it
             budget-exhausted   -> logged; the hospital is dropped from later rounds
             trained            -> weights checked (keys, shapes, dtypes, finite values;
@@ -25,7 +25,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -41,6 +41,7 @@ from shared.config import ConfigError, RunConfig
 RESUMABLE = {"resume", "stop-after-round"}
 NODE_WAIT_S = 120.0
 ROUND_TIMEOUT_S = 3600.0
+POLL_S = 1.0
 
 
 class StopRun(Exception):
@@ -100,6 +101,30 @@ def train_messages(nodes: Iterable[int], global_w: dict[str, np.ndarray], run_id
     ]
 
 
+def stream_replies(grid: Grid, message_ids: Iterable[str],
+                   timeout: float = ROUND_TIMEOUT_S) -> Iterator[Message]:
+    """Yield each reply to the pushed instructions `message_ids` as soon as it is there.
+
+    Flower's `grid.send_and_receive` returns only when every reply is in, all of them at
+    once: a full model copy per hospital in memory. Pulling one message id at a time
+    keeps one reply in hand; the caller folds it into FedAvg and drops it.
+    """
+    pending = list(message_ids)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        arrived = False
+        for message_id in list(pending):
+            replies = list(grid.pull_messages([message_id]))
+            while replies:
+                reply = replies.pop()
+                pending.remove(message_id)
+                arrived = True
+                yield reply
+                del reply                    # the caller has folded it: let it go
+        if pending and not arrived:
+            time.sleep(POLL_S)
+
+
 def check_reply(reply: Message, cfg: RunConfig,
                 node: int | None = None) -> tuple[str, dict[str, Any]]:
     """Classify one reply: ("error"|"budget"|"ok", details). Never raises on bad replies.
@@ -145,17 +170,17 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
             break
         started = time.monotonic()
         sent = train_messages(nodes, global_w, state.run_id, rnd)
-        answers = list(grid.send_and_receive(sent, timeout=ROUND_TIMEOUT_S))
+        ids = list(grid.push_messages(sent))         # Flower sets the message ids here
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        del sent
         fedavg, record = FedAvg(), {"round": rnd, "clients": {}, "received": {},
                                     "failures": [], "exhausted": []}
-        accepted = []
-        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
-        for node in sorted(set(dst.values()) - {dst.get(r.metadata.reply_to_message_id)
-                                                for r in answers}):
-            record["failures"].append({"node": node, "reason": "no reply within the timeout"})
-            _say(f"round {rnd}: node {node} did not reply within {ROUND_TIMEOUT_S:.0f}s")
-        for reply in answers:
-            kind, info = check_reply(reply, cfg, dst.get(reply.metadata.reply_to_message_id))
+        accepted, replied = [], set()
+        for reply in stream_replies(grid, ids):
+            node = dst.get(reply.metadata.reply_to_message_id)
+            replied.add(node)
+            kind, info = check_reply(reply, cfg, node)
+            del reply
             if kind == "error":
                 record["failures"].append({k: v for k, v in info.items()})
                 _say(f"round {rnd}: node {info['node']} failed: {info['reason']}")
@@ -167,12 +192,16 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
                 _say(f"round {rnd}: {info['hospital']} stopped: its privacy budget "
                      f"(epsilon {info['metrics'].get('budget-epsilon')}) would be exceeded")
             else:
+                fedavg.add(info.pop("arrays"), int(info["metrics"]["num-examples"]))
+                hospital = info["hospital"]
+                record["clients"][hospital] = info["metrics"]
+                record["received"][hospital] = info["digest"]
                 accepted.append(info)
-        for info in sorted(accepted, key=lambda i: i["hospital"]):
-            fedavg.add(info["arrays"], int(info["metrics"]["num-examples"]))
-            hospital = info["hospital"]
-            record["clients"][hospital] = info["metrics"]
-            record["received"][hospital] = info["digest"]
+        for node in sorted(set(dst.values()) - replied):
+            record["failures"].append({"node": node, "reason": "no reply within the timeout"})
+            _say(f"round {rnd}: node {node} did not reply within {ROUND_TIMEOUT_S:.0f}s")
+        record["clients"] = dict(sorted(record["clients"].items()))
+        record["received"] = dict(sorted(record["received"].items()))
         if fedavg.count < cfg.min_hospitals:
             stopped = (f"round {rnd}: {fedavg.count} hospitals trained, "
                        f"min-hospitals = {cfg.min_hospitals}")

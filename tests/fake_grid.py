@@ -77,6 +77,8 @@ class FakeGrid:
         self.node_configs = dict(node_configs)
         self.sent: list[tuple[int, int]] = []          # (round, node) per train message
         self._saved: tuple | None = None
+        self._pushed: dict[str, Message] = {}            # message id -> instruction
+        self.pulls = 0
 
     # Messages created outside Flower's runtime need the task identity it would set.
     def __enter__(self) -> "FakeGrid":
@@ -90,6 +92,20 @@ class FakeGrid:
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_configs)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Accept the instructions; each is answered when its reply is pulled."""
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id   # as Flower's push does
+            self._pushed[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        self.pulls += 1
+        return self.send_and_receive([self._pushed.pop(i) for i in message_ids
+                                      if i in self._pushed])
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
