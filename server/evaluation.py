@@ -65,7 +65,8 @@ from shared.dp_stats import FeatureStats, FeatureTransform, fid_from_stats, rdp_
 from shared.features import extract_features, feature_network, uint8_to_unit_range
 from shared.metrics import diversity_ssim, inception_score
 
-EVALUATIONS = ("fid-stats", "recall", "classifier")
+EVALUATIONS = ("fid-stats", "recall", "classifier")      # every evaluation (eval-every)
+RELEASE_EVALUATIONS = EVALUATIONS                      # the release's evaluation
 TSTR_EPOCHS = 20
 EVAL_TIMEOUT_S = 3600.0
 
