@@ -12,6 +12,9 @@
                          generated images vs round
         scores.png       recall, train-on-synthetic accuracy and AUC, diversity SSIM,
                          classifier score vs round
+        memorization.png the release's memorization check (from release/release.json): the
+                         share of training vs held-out images per distance to the nearest
+                         synthetic image
 
 Everything plotted is already in metrics.csv: post-processing, no privacy cost.
 """
@@ -136,6 +139,44 @@ def draw(spec: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def memorization_shares(check: dict[str, Any]) -> dict[str, list[float]]:
+    """release.json's memorization histograms as shares of their (noised) totals, negative
+    noisy counts shown as 0."""
+    out = {}
+    for part in ("train", "holdout"):
+        counts = [max(c, 0.0) for c in check[f"{part}_histogram"]]
+        total = sum(counts) or 1.0
+        out[part] = [c / total for c in counts]
+    return out
+
+
+def draw_memorization(check: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = check["bin_edges"]
+    shares = memorization_shares(check)
+    width = edges[1] - edges[0]
+    left = edges[:-1] + [edges[-1]]                      # the last bar is the overflow bin
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([x + 0.05 * width for x in left], shares["train"], width=0.45 * width, align="edge",
+           label="training images")
+    ax.bar([x + 0.5 * width for x in left], shares["holdout"], width=0.45 * width, align="edge",
+           label="held-out images")
+    ax.set_xlabel(f"distance to the nearest synthetic image (last bar: >= {edges[-1]:.3g})")
+    ax.set_ylabel("share of images (DP)")
+    verdict = "FLAGGED: training images closer" if check["flagged"] else "not flagged"
+    ax.set_title(f"Memorization check: {verdict}\nP(training image closer than held-out) = "
+                 f"{check['closer_probability']:.3f} +- {check['standard_error']:.3f}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(output_dir: Path, out: Path | None = None) -> list[Path]:
     """Draw every figure the run's metrics allow; returns the PNG paths."""
     table = load_table(output_dir)
@@ -143,7 +184,13 @@ def write_report(output_dir: Path, out: Path | None = None) -> list[Path]:
         raise ReportError(f"{output_dir}: {round_metrics.FILENAME} has no rounds yet")
     out = Path(out) if out is not None else Path(output_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    return [draw(spec, out / name) for name, spec in figures(table).items()]
+    paths = [draw(spec, out / name) for name, spec in figures(table).items()]
+    release = Path(output_dir) / "release" / "release.json"
+    if release.is_file():
+        check = json.loads(release.read_text()).get("evaluation", {}).get("scores", {}).get("memorization")
+        if check is not None:
+            paths.append(draw_memorization(check, out / "memorization.png"))
+    return paths
 
 
 def report_command(

@@ -314,12 +314,14 @@ def test_a_run_with_evaluate_releases_scores_with_their_privacy_cost(tmp_path):
     assert section["failures"] == []
     scores = section["scores"]
     assert set(scores) == {"fid", "fid_per_class", "recall", "train_on_synthetic", "diversity_ssim",
-                           "classifier_score"}
+                           "classifier_score", "memorization", "utility"}
     assert scores["fid"]["value"] > 0 and 500 < scores["fid"]["real_count"] < 750   # 624 held out
     assert set(scores["fid_per_class"]) == {"normal", "pneumonia"}
     assert 0 <= scores["recall"]["value"] <= 1
     assert 0 <= scores["train_on_synthetic"]["accuracy"] <= 1 and 0 <= scores["train_on_synthetic"]["auc"] <= 1
-    for name in ("fid", "recall", "train_on_synthetic"):
+    assert scores["memorization"]["flagged"] in (True, False)
+    assert 1500 < scores["memorization"]["train_count"] < 2500        # 2 x the 1000 cap
+    for name in ("fid", "recall", "train_on_synthetic", "memorization"):
         privacy = scores[name]["privacy"]
         assert privacy["mechanism"] == "gaussian" and 0 < privacy["epsilon_per_hospital"] < 1.0
     assert scores["diversity_ssim"]["privacy"]["mechanism"] == "none"
@@ -328,9 +330,10 @@ def test_a_run_with_evaluate_releases_scores_with_their_privacy_cost(tmp_path):
     for hospital in ("hospital-0", "hospital-1"):
         lines = (where / "ledger" / f"{hospital}.jsonl").read_text().splitlines()
         purposes = [json.loads(line)["purpose"] for line in lines]
-        assert purposes == ["train-discriminator"] * 2 + ["eval-fid-stats", "eval-recall", "eval-classifier"]
+        assert purposes == ["train-discriminator"] * 2 + ["eval-fid-stats", "eval-recall", "eval-classifier",
+                                                          "eval-memorization"]
         summary = result["privacy"]["per_hospital"][hospital]
-        assert summary["evaluation_releases"] == 3
+        assert summary["evaluation_releases"] == 4
         assert summary["epsilon_training"] < summary["epsilon"] <= summary["budget_epsilon"]
         assert summary["epsilon"] == pytest.approx(section["epsilon_after"][hospital])
         assert summary["rounds"] == [1, 2] and summary["sample_rate"] < 1.0

@@ -91,3 +91,19 @@ def test_report_of_a_directory_without_a_run_fails_in_one_line(tmp_path):
     assert "no metrics.csv and no checkpoint" in result.output and len(result.output.strip().splitlines()) == 1
     help_text = CliRunner().invoke(app, ["report", "--help"]).output
     assert "OUTPUT_DIR" in help_text and "metrics.csv" in help_text
+
+
+def test_report_draws_the_release_memorization_check(tmp_path):
+    import json
+
+    round_metrics.write(tmp_path / "metrics.csv", round_metrics.rows(_state()))
+    check = {"bin_edges": [0.0, 0.5, 1.0], "train_histogram": [30.0, 50.0, -4.0],
+             "holdout_histogram": [5.0, 10.0, 5.0], "flagged": True, "closer_probability": 0.66,
+             "standard_error": 0.03}
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "release.json").write_text(json.dumps({"evaluation": {"scores": {"memorization": check}}}))
+    assert report.memorization_shares(check) == {"train": [0.375, 0.625, 0.0], "holdout": [0.25, 0.5, 0.25]}
+    paths = report.write_report(tmp_path)
+    assert paths[-1] == tmp_path / "report" / "memorization.png"
+    with Image.open(paths[-1]) as png:
+        assert png.format == "PNG"
