@@ -209,7 +209,13 @@ def evaluate_reply(content: RecordDict, run_config: dict, node_config: dict,
         log.error("%s: %s", hospital.hospital_id, e)
         raise DataError(f"{hospital.hospital_id}: no usable held-out data for evaluation; "
                         "the node's log says why") from None
-    seed = ledger_mod.node_seed(hospital.state_dir, run_id, "evaluate", rnd, cfg.seed)
+    # The noise is fresh for every distinct request, yet the same request (a resumed run)
+    # redraws the same: seeded by the digest of everything the request asks and sends. A
+    # seed from (run-id, round) alone would put the same noise on two different queries
+    # sent under one round number, and their difference would come out noise-free.
+    request = [str(instruction["evaluations"])] + [
+        f"{key}:{weights.record_digest(content[key])}" for key in sorted(content.array_records)]
+    seed = ledger_mod.node_seed(hospital.state_dir, run_id, "evaluate", rnd, cfg.seed, *request)
     generator = torch.Generator().manual_seed(seed)
     training = hospital_data(hospital, cfg) if "memorization" in names else None
     releases = evaluation.releases(names, content, data, cfg, epsilons, delta, generator, training)

@@ -138,7 +138,8 @@ def releases(names: list[str], content, data: HospitalData, cfg: RunConfig,
         elif name == "memorization":
             if training is None:
                 raise ValueError("memorization needs the hospital's training images")
-            synthetic = protocol.features_from_record(needed("synthetic-features"), width)
+            synthetic = protocol.features_from_record(needed("released-features"), width, min_rows=1,
+                                                      what="released-features")
             edges = protocol.distance_bins_from_record(needed("distance-bins"))
             out.append(release_memorization(real_features(training, cfg), features, synthetic, edges,
                                             epsilon=epsilons[name], delta=delta, generator=generator))

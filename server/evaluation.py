@@ -102,7 +102,8 @@ class Synthetic:
     classifier: torch.nn.Module
     generator: torch.nn.Module
     seed: int
-    distance_bins: torch.Tensor     # (B + 1,) public bins of nearest-synthetic distances
+    released_features: torch.Tensor  # (R, d) features of exactly the released images
+    distance_bins: torch.Tensor     # (B + 1,) public bins of nearest-released-image distances
 
 
 @dataclass
@@ -140,15 +141,22 @@ def synthetic_side(cfg: RunConfig, ema_weights: dict[str, np.ndarray]) -> Synthe
         transform = FeatureTransform(cfg.eval_clip_norm, features.mean(dim=0), None)
     classifier = train_classifier(images, torch.as_tensor(labels), epochs=TSTR_EPOCHS, augment=False,
                                   seed=cfg.seed, num_classes=cfg.num_classes)
+    if cfg.samples_per_class == cfg.eval_samples:
+        released = features
+    else:   # the memorization check is about the images the release publishes
+        released_labels = np.repeat(np.arange(cfg.num_classes), cfg.samples_per_class)
+        released_images = uint8_to_unit_range(release.generate(generator, released_labels, cfg.latent_dim, seed))
+        released = extract_features(feature_network(cfg.eval_features), released_images).double()
     return Synthetic(images, torch.as_tensor(labels), features, transform, classifier, generator, seed,
-                     memorization_bins(features, cfg.eval_clip_norm))
+                     released, memorization_bins(released, cfg.eval_clip_norm))
 
 
 def memorization_bins(features: torch.Tensor, fallback: float) -> torch.Tensor:
     """Public bins for the memorization histograms: MEMORIZATION_BINS equal bins from 0 to 3x
-    the median distance between a synthetic image and its nearest other synthetic image
+    the median distance between a released image and its nearest other released image
     (the scale at which a real image "has a synthetic twin"), plus the overflow bin. A
-    mode-collapsed set (median 0) falls back to ``fallback`` (eval-clip-norm)."""
+    mode-collapsed set (median 0) or a single image falls back to ``fallback``
+    (eval-clip-norm)."""
     distances = pairwise_distances(features, features)
     distances.fill_diagonal_(math.inf)
     top = 3.0 * float(distances.min(dim=1).values.median())
@@ -165,9 +173,10 @@ def evaluate_content(synthetic: Synthetic, run_id: str, rnd: int,
                                                   "evaluations": ",".join(names)})})
     if "fid-stats" in names:
         content["fid-transform"] = protocol.transform_record(synthetic.transform)
-    if {"recall", "memorization"} & set(names):
+    if "recall" in names:
         content["synthetic-features"] = protocol.features_record(synthetic.features)
     if "memorization" in names:
+        content["released-features"] = protocol.features_record(synthetic.released_features)
         content["distance-bins"] = protocol.distance_bins_record(synthetic.distance_bins)
     if "classifier" in names:
         content["classifier"] = protocol.classifier_record(synthetic.classifier)
@@ -318,7 +327,8 @@ def scores(cfg: RunConfig, synthetic: Synthetic, pooled: Pooled, names: list[str
     out["utility"] = utility_table(out.get("train_on_synthetic"))
     if "memorization" in names and pooled.memorization:
         out["memorization"] = {**memorization_scores(synthetic.distance_bins, pooled,
-                                                     int(synthetic.features.shape[0]), seed=synthetic.seed),
+                                                     int(synthetic.released_features.shape[0]),
+                                                     seed=synthetic.seed),
                                "privacy": cost("memorization")}
     out["diversity_ssim"] = {
         "per_class": {name: diversity_ssim(synthetic.images[synthetic.labels == c], seed=cfg.seed)

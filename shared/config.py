@@ -116,7 +116,8 @@ KNOBS: tuple[Knob, ...] = (
     # --- federated evaluation at release (docs: server/evaluation.py)
     Knob("evaluate", False,
          "Server: after the last round, evaluate the release on the hospitals' held-out "
-         "images (FID, per-class FID, recall, train-on-synthetic accuracy/AUC), with DP.",
+         "images (FID, per-class FID, recall, train-on-synthetic accuracy/AUC) and check it for "
+         "memorization against their training images, with DP.",
          lambda v: isinstance(v, bool), "true or false"),
     Knob("eval-every", 0,
          "Server: with evaluate = true, also evaluate after every K-th round (each costs "

@@ -7,10 +7,12 @@ so it is public):
     fid-transform        center (d,), projection (d, k) (absent when k = d), clip_norm (1,):
                          the public FeatureTransform each hospital applies to its features
                          (synthetic mean; a fixed random subspace, FID_BASIS_SEED)
-    synthetic-features   features (M, d) of the synthetic images     (recall, memorization)
+    synthetic-features   features (M, d) of the synthetic images                  (recall)
+    released-features    features (R, d) of exactly the released synthetic images (the
+                         release's samples-per-class per class)            (memorization)
     classifier           SmallCNN state dict trained on synthetic images only   (classifier)
     distance-bins        edges (B + 1,): public bins of nearest-synthetic distances,
-                         from 0, made from the synthetic features          (memorization)
+                         from 0, made from the released images' features   (memorization)
 
 Hospital -> server: only noised statistics. Each record below is the output of one Gaussian
 mechanism, charged to the hospital's ledger before it is sent; the ledger entry's
@@ -134,14 +136,15 @@ def features_record(features: torch.Tensor) -> ArrayRecord:
     return _record({"features": features.float().numpy()})
 
 
-def features_from_record(record: ArrayRecord, num_features: int) -> torch.Tensor:
+def features_from_record(record: ArrayRecord, num_features: int, min_rows: int = RECALL_K + 1,
+                         what: str = "synthetic-features") -> torch.Tensor:
     arrays = record_arrays(record)
     features = arrays.get("features")
     if features is None or features.ndim != 2 or features.shape[1] != num_features:
-        raise ProtocolError(f"synthetic-features: expected (M, {num_features}) features")
-    if features.shape[0] <= RECALL_K:
-        raise ProtocolError(f"synthetic-features: recall needs more than {RECALL_K} synthetic samples")
-    _finite(arrays, "synthetic-features")
+        raise ProtocolError(f"{what}: expected (M, {num_features}) features")
+    if features.shape[0] < min_rows:
+        raise ProtocolError(f"{what}: needs at least {min_rows} synthetic samples")
+    _finite(arrays, what)
     return torch.as_tensor(features, dtype=torch.float64)
 
 

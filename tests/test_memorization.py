@@ -17,12 +17,16 @@ import torch
 from conftest import DATA, smoke_config, smoke_values
 
 from client import app as client_app
+from client import evaluate as client_evaluate
 from client.ledger import read_entries
-from server import evaluation
+from client.node import Hospital
+from server import evaluation, release
+from server.checkpoint import ServerState
 from shared import evaluation as protocol
 from shared import models, weights
 from shared.dp_stats import closer_probability, dp_memorization_histograms
 from shared.features import TinyFeatureNet, uint8_to_unit_range
+from shared.metrics import in_manifold, manifold_radii
 
 NODE = {"partition-id": 0, "num-partitions": 2}
 EVAL = {"evaluate": True, "eval_features": "tiny", "eval_fid_dims": 8, "eval_clip_norm": 5.0,
@@ -141,7 +145,17 @@ def test_the_release_reply_carries_only_noised_histograms_charged_to_the_ledger(
     cfg = smoke_config(tmp_path, **EVAL)
     synthetic = evaluation.synthetic_side(cfg, weights.to_numpy(models.build(cfg)))
     content = evaluation.evaluate_content(synthetic, "t", 2, ["memorization"])
-    assert set(content.keys()) == {"config", "synthetic-features", "distance-bins"}
+    assert set(content.keys()) == {"config", "released-features", "distance-bins"}
+    # the check is about exactly the released images (samples-per-class 8, not eval-samples 40)
+    labels = np.repeat(np.arange(cfg.num_classes), cfg.samples_per_class)
+    released = release.generate(synthetic.generator, labels, cfg.latent_dim,
+                                cfg.seed + release.SAMPLE_SEED_OFFSET + 1)
+    with np.load(release.write_release(tmp_path / "r", cfg, ServerState("t", 0, {}), {},
+                                       weights.to_numpy(models.build(cfg))) / "synthetic.npz") as npz:
+        np.testing.assert_array_equal(npz["train_images"], released)
+    expected = TinyFeatureNet(num_features=64, seed=0)(uint8_to_unit_range(released)).double()
+    assert synthetic.released_features.shape == (16, 64)
+    torch.testing.assert_close(synthetic.released_features, expected)
     reply = client_app.evaluate_reply(content, values, NODE)
     assert set(reply.keys()) == {"memorization-histograms", "metrics", "status", "ledger"}
     arrays = protocol.record_arrays(reply["memorization-histograms"])
@@ -157,3 +171,29 @@ def test_the_release_reply_carries_only_noised_histograms_charged_to_the_ledger(
     assert entry["purpose"] == "eval-memorization" and entry["mechanism"] == "gaussian"
     assert entry["weights_sha256"] == weights.record_digest(reply["memorization-histograms"])
     assert cfg.eval_epsilon * 0.99 <= entry["epsilon"] <= cfg.eval_epsilon   # one release: all of it
+
+
+def test_the_noise_is_fresh_for_a_different_request_under_the_same_round(tmp_path):
+    """Two requests with one (run-id, round) but different synthetic images must not get the
+    same noise (their difference would be noise-free); the same request redraws the same."""
+    values = smoke_values(tmp_path, **EVAL)
+    cfg = smoke_config(tmp_path, **EVAL)
+    initial = weights.to_numpy(models.build(cfg))
+    other = {k: v + 0.05 for k, v in initial.items()}          # another generator
+    hospital = Hospital.from_node_config(NODE, cfg)
+    real = client_evaluate.real_features(client_evaluate.held_out_data(hospital, cfg), cfg)
+    noise = []
+    for arrays in (initial, other, initial):
+        synthetic = evaluation.synthetic_side(cfg, arrays)
+        reply = client_app.evaluate_reply(evaluation.evaluate_content(synthetic, "t", 2, ["recall"]), values, NODE)
+        released = reply["recall-counts"]["counts"].numpy()
+        exact = np.array(recall_counts(real, synthetic.features))
+        noise.append(released - exact)
+    assert not np.allclose(noise[0], noise[1])
+    np.testing.assert_array_equal(noise[0], noise[2])
+    assert len(read_entries(tmp_path / "hospitals" / "hospital-0" / "ledger.jsonl")) == 3   # each charged
+
+
+def recall_counts(real, fake):
+    inside = in_manifold(real, fake, manifold_radii(fake, protocol.RECALL_K))
+    return [float(inside.sum()), float((~inside).sum())]
