@@ -197,11 +197,12 @@ def report_command(
     output_dir: Annotated[Path, typer.Argument(help="A run's output-dir (holds metrics.csv, checkpoints/).")],
     out: Annotated[Optional[Path], typer.Option(help="Where to write the PNGs (default OUTPUT_DIR/report).")] = None,
 ) -> None:
-    """Plot a run: FID and per-class FID, epsilon, losses and other scores vs round (PNG).
+    """Plot a run: FID, per-class FID, epsilon, losses, other scores vs round; memorization (PNG).
 
     Reads OUTPUT_DIR/metrics.csv (written after every round; rebuilt from the newest
-    checkpoint when missing). FID points exist for the rounds the run evaluated
-    (eval-every, and the release). Costs no privacy: it plots released figures only.
+    checkpoint when missing) and, for the memorization check, OUTPUT_DIR/release/release.json.
+    FID points exist for the rounds the run evaluated (eval-every, and the release). Costs no
+    privacy: it plots released figures only.
     """
     from shared.cli import fail
 

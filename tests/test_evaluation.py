@@ -191,21 +191,26 @@ def test_a_deployed_hospital_evaluates_on_its_eval_data_path(tmp_path, synthetic
 
 @pytest.mark.slow
 def test_the_inception_path_end_to_end(tmp_path):
-    """The real FID network on both sides: 2 x 16 synthetic images, 32 held-out images."""
+    """The real FID network on both sides, the release's evaluation: 2 x 16 synthetic images
+    (2 x 8 released), 32 held-out and 64 training images."""
     values = dict(EVAL, eval_features="inception", eval_samples=16, eval_clip_norm=10.0)
     cfg = smoke_config(tmp_path, **values)
+    names = list(evaluation.RELEASE_EVALUATIONS)
     synthetic = evaluation.synthetic_side(cfg, weights.to_numpy(models.build(cfg)))
-    assert synthetic.features.shape == (32, 2048)
-    reply = client_app.evaluate_reply(evaluate_content(synthetic), smoke_values(tmp_path, **values),
+    assert synthetic.features.shape == (32, 2048) and synthetic.released_features.shape == (16, 2048)
+    reply = client_app.evaluate_reply(evaluate_content(synthetic, names), smoke_values(tmp_path, **values),
                                       deployment_node(tmp_path, eval_images=32))
     assert reply["status"]["status"] == "ok"
     assert reply["fid-stats"]["class-0.sum-outer"].numpy().shape == (8, 8)
     with FakeGrid({}, {}):   # sets the task identity that Messages made outside Flower need
-        request = evaluation.evaluate_messages([1], synthetic, "t", 2)[0]
-        pooled = evaluation.pool([Message(content=reply, reply_to=request)], cfg, NAMES, synthetic, "t")
+        request = evaluation.evaluate_messages([1], synthetic, "t", 2, names)[0]
+        pooled = evaluation.pool([Message(content=reply, reply_to=request)], cfg, names, synthetic, "t")
     assert pooled.hospitals == ["st-elsewhere"], pooled.failures
-    fid = evaluation.scores(cfg, synthetic, pooled, NAMES, dict.fromkeys(NAMES, 1.0))["fid"]
-    assert math.isfinite(fid["estimate"]) and fid["features"] == "inception"
+    scores = evaluation.scores(cfg, synthetic, pooled, names, dict.fromkeys(names, 1.0))
+    assert math.isfinite(scores["fid"]["estimate"]) and scores["fid"]["features"] == "inception"
+    memorization = scores["memorization"]
+    assert 0 <= memorization["closer_probability"] <= 1 and memorization["synthetic_count"] == 16
+    assert 0 < memorization["bin_edges"][-1] and len(memorization["train_histogram"]) == 11
 
 
 # --------------------------------------------------------------------------- DP noise vs exact FID
