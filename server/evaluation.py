@@ -351,10 +351,11 @@ def scores(cfg: RunConfig, synthetic: Synthetic, pooled: Pooled, names: list[str
 
 
 UTILITY_NOT_RELEASED = (
-    "needs a classifier trained on the hospitals' real images: that training can only run at "
-    "the hospitals and, to leave them, would be a second DP-SGD federation charged to every "
-    "hospital's budget on top of the GAN's; fedsynth does not run it, and a classifier trained "
-    "on real images without DP must not leave a hospital, nor may its scores")
+    "needs a classifier trained on the hospitals' real images; that classifier, and its scores "
+    "on held-out images, depend on the training images (one image can change every "
+    "prediction), so they may leave a hospital only through DP: DP-SGD training at each "
+    "hospital (or a DP-SGD federation) and then DP counts, a training epsilon per variant on "
+    "top of the GAN's. fedsynth does not run that training, so these rows are not released")
 
 
 def utility_table(train_on_synthetic: dict[str, Any] | None) -> dict[str, Any]:

@@ -324,6 +324,11 @@ def test_a_run_with_evaluate_releases_scores_with_their_privacy_cost(tmp_path):
     assert set(scores["fid_per_class"]) == {"normal", "pneumonia"}
     assert 0 <= scores["recall"]["value"] <= 1
     assert 0 <= scores["train_on_synthetic"]["accuracy"] <= 1 and 0 <= scores["train_on_synthetic"]["auc"] <= 1
+    rows = {row["training_set"]: row for row in scores["utility"]["rows"]}
+    assert list(rows) == ["real only", "real + traditional augmentation", "synthetic only", "real + synthetic"]
+    assert [name for name, row in rows.items() if row["released"]] == ["synthetic only"]
+    assert rows["synthetic only"]["accuracy"] == scores["train_on_synthetic"]["accuracy"]
+    assert all("DP" in row["reason"] and "accuracy" not in row for row in rows.values() if not row["released"])
     assert scores["memorization"]["flagged"] in (True, False)
     assert 1500 < scores["memorization"]["train_count"] < 2500        # 2 x the 1000 cap
     for name in ("fid", "recall", "train_on_synthetic", "memorization"):
