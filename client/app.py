@@ -20,8 +20,9 @@ whatever the server's run config says, the node never trains past it.
 
 An `evaluate` message (federated evaluation at release, `evaluate_reply`) is answered the
 same way: budget check for all the releases it asks for, DP statistics of the held-out
-images (client/evaluate.py), one signed ledger entry per release, then the noised
-statistics and the entries -- never a feature, an image or an exact count.
+images (and, for the memorization check, of the training images; client/evaluate.py),
+one signed ledger entry per release, then the noised statistics and the entries --
+never a feature, an image or an exact count.
 """
 
 from __future__ import annotations
@@ -210,9 +211,16 @@ def evaluate_reply(content: RecordDict, run_config: dict, node_config: dict,
         log.error("%s: %s", hospital.hospital_id, e)
         raise DataError(f"{hospital.hospital_id}: no usable held-out data for evaluation; "
                         "the node's log says why") from None
-    seed = ledger_mod.node_seed(hospital.state_dir, run_id, "evaluate", rnd, cfg.seed)
+    # The noise is fresh for every distinct request, yet the same request (a resumed run)
+    # redraws the same: seeded by the digest of everything the request asks and sends. A
+    # seed from (run-id, round) alone would put the same noise on two different queries
+    # sent under one round number, and their difference would come out noise-free.
+    request = [str(instruction["evaluations"])] + [
+        f"{key}:{weights.record_digest(content[key])}" for key in sorted(content.array_records)]
+    seed = ledger_mod.node_seed(hospital.state_dir, run_id, "evaluate", rnd, cfg.seed, *request)
     generator = torch.Generator().manual_seed(seed)
-    releases = evaluation.releases(names, content, data, cfg, epsilons, delta, generator)
+    training = hospital_data(hospital, cfg) if "memorization" in names else None
+    releases = evaluation.releases(names, content, data, cfg, epsilons, delta, generator, training)
 
     reply = RecordDict()
     entries = []

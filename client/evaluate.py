@@ -9,6 +9,10 @@
                      synthetic k-NN manifold (sensitivity 1)
         classifier   confusion matrix and score histograms of the server's classifier,
                      trained on synthetic images only, on the real labelled images
+        memorization histograms of the distance from each TRAINING image (a random
+                     subset of at most MEMORIZATION_MAX_TRAIN) and each held-out image to
+                     its nearest public synthetic image, over public bins (sensitivity
+                     sqrt 2 and 1: shared/dp_stats.py dp_memorization_histograms)
 
 Each function returns the noised arrays and the `Mechanism` the ledger charges; the ClientApp
 (`client/app.py evaluate_reply`) checks the budget before, logs the entries, and sends only
@@ -34,6 +38,7 @@ from shared.dp_stats import (
     FeatureTransform,
     Mechanism,
     dp_classification_counts,
+    dp_memorization_histograms,
     dp_recall_counts,
     gaussian_stats_per_class,
 )
@@ -96,11 +101,22 @@ def release_classifier(data: HospitalData, classifier: SmallCNN, *, epsilon: flo
     return Release("classifier", protocol.classification_arrays(counts), mechanism)
 
 
+def release_memorization(training: torch.Tensor, held_out: torch.Tensor, synthetic: torch.Tensor,
+                         edges: torch.Tensor, *, epsilon: float, delta: float,
+                         generator: torch.Generator) -> Release:
+    histograms, mechanism = dp_memorization_histograms(
+        training, held_out, synthetic, edges, max_train=protocol.MEMORIZATION_MAX_TRAIN,
+        epsilon=epsilon, delta=delta, generator=generator)
+    return Release("memorization", protocol.memorization_arrays(histograms), mechanism)
+
+
 def releases(names: list[str], content, data: HospitalData, cfg: RunConfig,
-             epsilons: dict[str, float], delta: float, generator: torch.Generator) -> list[Release]:
+             epsilons: dict[str, float], delta: float, generator: torch.Generator,
+             training: HospitalData | None = None) -> list[Release]:
     """Every release the message asks for, in the order asked. ``content`` is the message's
-    RecordDict; its public inputs are checked before use (ProtocolError)."""
-    needs_features = {"fid-stats", "recall"} & set(names)
+    RecordDict; its public inputs are checked before use (ProtocolError). ``data`` are the
+    held-out images; ``training`` the training images (needed by memorization only)."""
+    needs_features = {"fid-stats", "recall", "memorization"} & set(names)
     features = real_features(data, cfg) if needs_features else None
     width = feature_network(cfg.eval_features).num_features
 
@@ -119,6 +135,14 @@ def releases(names: list[str], content, data: HospitalData, cfg: RunConfig,
             synthetic = protocol.features_from_record(needed("synthetic-features"), width)
             out.append(release_recall(features, synthetic, epsilon=epsilons[name], delta=delta,
                                       generator=generator))
+        elif name == "memorization":
+            if training is None:
+                raise ValueError("memorization needs the hospital's training images")
+            synthetic = protocol.features_from_record(needed("released-features"), width, min_rows=1,
+                                                      what="released-features")
+            edges = protocol.distance_bins_from_record(needed("distance-bins"))
+            out.append(release_memorization(real_features(training, cfg), features, synthetic, edges,
+                                            epsilon=epsilons[name], delta=delta, generator=generator))
         elif name == "classifier":
             classifier = protocol.load_classifier(needed("classifier"), SmallCNN(cfg.num_classes))
             out.append(release_classifier(data, classifier, epsilon=epsilons[name], delta=delta,

@@ -39,8 +39,8 @@ label is not among them is skipped and reported, never turned into a new class.
 In simulation there is no node config beyond Flower's `partition-id` and
 `num-partitions`, so the simulated hospitals take their data from the run config's
 `data-path` partition, their state from `<output-dir>/hospitals/hospital-<id>`, and
-their budget from `sim-hospital-epsilon` (or `target-epsilon`, plus `eval-epsilon` when
-the run evaluates: `simulated_budget`).
+their budget from `sim-hospital-epsilon` (or `target-epsilon`, plus `eval-epsilon` for each
+evaluation the run plans: `simulated_budget`).
 """
 
 from __future__ import annotations
@@ -120,10 +120,11 @@ class Hospital:
 
 def simulated_budget(cfg: RunConfig) -> float:
     """A simulated hospital's epsilon when sim-hospital-epsilon is 0: the training target,
-    plus the evaluation's epsilon when the run evaluates (training is calibrated to reach
-    target-epsilon, so without that headroom every hospital would refuse the evaluation).
-    RDP composes the two to less than their sum; each node's ledger checks the exact figure."""
-    return cfg.target_epsilon + (cfg.eval_epsilon if cfg.evaluate else 0.0)
+    plus eval-epsilon for every planned evaluation (the release's, and one every eval-every
+    rounds): training is calibrated to reach target-epsilon, so without that headroom every
+    hospital would refuse to evaluate. RDP composes them to less than their sum; each
+    node's ledger checks the exact figure."""
+    return cfg.target_epsilon + cfg.eval_epsilon * cfg.planned_evaluations
 
 
 def source_settings(node_config: dict[str, Any], data_path: Path) -> SourceSettings:

@@ -1,17 +1,22 @@
-"""Federated evaluation of the release: the EMA generator's samples against the hospitals'
-held-out real images, which never leave the hospitals.
+"""Federated evaluation of the release (and, with eval-every, of every K-th round): the EMA
+generator's samples against the hospitals' real images, which never leave the hospitals.
 
     synthetic images: eval-samples per class from the EMA generator, drawn with the release's
         seed (with eval-samples = samples-per-class they are the released images)
     public inputs, made from synthetic images and public randomness only:
         their features (eval-features: the FID InceptionV3), the FID transform (centre at
         the synthetic mean, a fixed random eval-fid-dims-dimensional projection, clip
-        eval-clip-norm), a classifier trained on them alone (train on synthetic, test on real)
+        eval-clip-norm), a classifier trained on them alone (train on synthetic, test on real),
+        public distance bins for the memorization check
     one EVALUATE message per hospital (shared/evaluation.py); each hospital checks its budget,
-        releases DP statistics of its held-out images and charges its ledger
+        releases DP statistics of its held-out images (at release also of its training
+        images: the memorization check) and charges its ledger
     check every reply: status, one signed entry per release whose digest is the record's
-    pool by addition: FID statistics per class, recall counts, classifier counts
-    scores: FID and per-class FID, recall, TSTR accuracy and ROC AUC, each with its (noised)
+    pool by addition: FID statistics per class, recall counts, classifier counts,
+        memorization histograms
+    scores: FID and per-class FID, recall, TSTR accuracy and ROC AUC, the downstream-utility
+        table, the memorization check (training vs held-out images' distance to the nearest
+        synthetic image, flagged when training images are closer), each with its (noised)
         sample sizes and privacy cost; public synthetic-only scores beside them: diversity
         SSIM per class and the classifier score (Inception Score formula, TSTR classifier)
 
@@ -31,13 +36,26 @@ synthetic images. What is not released, and why:
 * precision (Kynkäänniemi et al.): its sensitivity to one real image is the whole synthetic
   set (shared/dp_stats.py); recall is released instead, with sensitivity 1.
 * KID: the real/real kernel term has sensitivity ~ n R; at a few hundred held-out images per
-  hospital its DP error exceeds typical KID values, so it is not requested.
-* diversity SSIM of real images: not released (it would need its own DP mechanism).
+  hospital its DP error exceeds typical KID values (-0.07 +- 0.08 against 0.0012 at epsilon
+  1, benchmarks/RESULTS.md), and that term is generator-independent, so releasing it once and
+  caching it does not make it any less noisy. Without it only "KID minus a constant" is left
+  (the cross and synthetic terms): it ranks generators like FID does, is not KID, and would
+  take budget from FID. Not requested.
+* the Inception Score proper: the offline FID InceptionV3 has no ImageNet head
+  (shared/features.py); the classifier score is the IS formula on the TSTR classifier.
+* the real-real nearest-neighbour distance of the memorization check (no useful sensitivity
+  bound; shared/dp_stats.py dp_memorization_histograms): held-out images are the baseline.
+* diversity SSIM of real images: the mean of clipped pairwise SSIM over k held-out images of
+  a class moves by up to 2/k with one image, so its noise is about 2z/k: +-0.26 for z = 12.8
+  (a 10 % share of eval-epsilon 1) and k = 100; not worth the budget, not requested.
+* the real-data rows of the utility table (real only, real + augmentation, real +
+  synthetic): a classifier trained on real images would need its own DP-SGD federation.
 
 Budget: training is calibrated to reach target-epsilon, so a hospital can afford an
-evaluation only with headroom: its epsilon must cover target-epsilon and eval-epsilon composed
-(RDP composes them to less than the sum, so target-epsilon + eval-epsilon is enough).
-Simulated hospitals get exactly that when sim-hospital-epsilon = 0 (client/node.py
+evaluation only with headroom: its epsilon must cover target-epsilon and eval-epsilon for
+every evaluation composed (RDP composes them to less than the sum, so target-epsilon +
+evaluations x eval-epsilon is enough; evaluations = 1 + the eval-every rounds before the
+last). Simulated hospitals get exactly that when sim-hospital-epsilon = 0 (client/node.py
 `simulated_budget`); a real hospital sets its node config's epsilon. A hospital without the
 headroom refuses and is listed; the scores pool the others.
 """
@@ -61,11 +79,14 @@ from shared import evaluation as protocol
 from shared import weights
 from shared.classifier import train_classifier
 from shared.config import ConfigError, RunConfig
-from shared.dp_stats import FeatureStats, FeatureTransform, fid_from_stats, rdp_epsilon, recall_from_counts
+from shared.dp_stats import (FeatureStats, FeatureTransform, closer_probability, fid_from_stats,
+                             histogram_quantiles, rdp_epsilon, recall_from_counts)
 from shared.features import extract_features, feature_network, uint8_to_unit_range
-from shared.metrics import diversity_ssim, inception_score
+from shared.metrics import diversity_ssim, inception_score, pairwise_distances
 
-EVALUATIONS = ("fid-stats", "recall", "classifier")
+EVALUATIONS = ("fid-stats", "recall", "classifier")      # every evaluation (eval-every)
+RELEASE_EVALUATIONS = EVALUATIONS + ("memorization",)  # the release's evaluation
+MEMORIZATION_Z = 3.0     # the flag: training images closer than held-out ones by 3 standard errors
 TSTR_EPOCHS = 20
 EVAL_TIMEOUT_S = 3600.0
 
@@ -81,6 +102,8 @@ class Synthetic:
     classifier: torch.nn.Module
     generator: torch.nn.Module
     seed: int
+    released_features: torch.Tensor  # (R, d) features of exactly the released images
+    distance_bins: torch.Tensor     # (B + 1,) public bins of nearest-released-image distances
 
 
 @dataclass
@@ -90,6 +113,8 @@ class Pooled:
     fid: dict[int, FeatureStats] = field(default_factory=dict)
     recall: list[torch.Tensor] = field(default_factory=list)
     classification: Any = None
+    memorization: dict[str, torch.Tensor] = field(default_factory=dict)   # train, holdout
+    memorization_noise_var: dict[str, float] = field(default_factory=dict)  # per cell, pooled
     hospitals: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -116,7 +141,28 @@ def synthetic_side(cfg: RunConfig, ema_weights: dict[str, np.ndarray]) -> Synthe
         transform = FeatureTransform(cfg.eval_clip_norm, features.mean(dim=0), None)
     classifier = train_classifier(images, torch.as_tensor(labels), epochs=TSTR_EPOCHS, augment=False,
                                   seed=cfg.seed, num_classes=cfg.num_classes)
-    return Synthetic(images, torch.as_tensor(labels), features, transform, classifier, generator, seed)
+    if cfg.samples_per_class == cfg.eval_samples:
+        released = features
+    else:   # the memorization check is about the images the release publishes
+        released_labels = np.repeat(np.arange(cfg.num_classes), cfg.samples_per_class)
+        released_images = uint8_to_unit_range(release.generate(generator, released_labels, cfg.latent_dim, seed))
+        released = extract_features(feature_network(cfg.eval_features), released_images).double()
+    return Synthetic(images, torch.as_tensor(labels), features, transform, classifier, generator, seed,
+                     released, memorization_bins(released, cfg.eval_clip_norm))
+
+
+def memorization_bins(features: torch.Tensor, fallback: float) -> torch.Tensor:
+    """Public bins for the memorization histograms: MEMORIZATION_BINS equal bins from 0 to 3x
+    the median distance between a released image and its nearest other released image
+    (the scale at which a real image "has a synthetic twin"), plus the overflow bin. A
+    mode-collapsed set (median 0) or a single image falls back to ``fallback``
+    (eval-clip-norm)."""
+    distances = pairwise_distances(features, features)
+    distances.fill_diagonal_(math.inf)
+    top = 3.0 * float(distances.min(dim=1).values.median())
+    if not top > 0 or not math.isfinite(top):
+        top = fallback
+    return torch.linspace(0.0, top, protocol.MEMORIZATION_BINS + 1, dtype=torch.float64)
 
 
 def evaluate_content(synthetic: Synthetic, run_id: str, rnd: int,
@@ -129,6 +175,9 @@ def evaluate_content(synthetic: Synthetic, run_id: str, rnd: int,
         content["fid-transform"] = protocol.transform_record(synthetic.transform)
     if "recall" in names:
         content["synthetic-features"] = protocol.features_record(synthetic.features)
+    if "memorization" in names:
+        content["released-features"] = protocol.features_record(synthetic.released_features)
+        content["distance-bins"] = protocol.distance_bins_record(synthetic.distance_bins)
     if "classifier" in names:
         content["classifier"] = protocol.classifier_record(synthetic.classifier)
     return content
@@ -170,6 +219,9 @@ def check_reply(reply: Message, cfg: RunConfig, names: list[str], synthetic: Syn
                                                                 range(cfg.num_classes), dim)
             elif name == "recall":
                 released[name] = protocol.recall_from_arrays(arrays)
+            elif name == "memorization":
+                released[name] = (protocol.memorization_from_arrays(arrays, len(synthetic.distance_bins)),
+                                  float(entry["noise_multiplier"]))
             else:
                 released[name] = protocol.classification_from_arrays(arrays, cfg.num_classes)
     except (KeyError, ValueError, TypeError) as e:   # ProtocolError and JSON errors are ValueErrors
@@ -207,6 +259,13 @@ def pool(replies: Iterable[Message], cfg: RunConfig, names: list[str], synthetic
             pooled.fid[label] = stats if label not in pooled.fid else pooled.fid[label].merge(stats)
         if "recall" in released:
             pooled.recall.append(released["recall"])
+        if "memorization" in released:
+            histograms, z = released["memorization"]
+            for part, sensitivity in (("train", math.sqrt(2.0)), ("holdout", 1.0)):
+                total = pooled.memorization.get(part)
+                pooled.memorization[part] = histograms[part] if total is None else total + histograms[part]
+                pooled.memorization_noise_var[part] = (pooled.memorization_noise_var.get(part, 0.0)
+                                                       + (z * sensitivity) ** 2)
         if "classifier" in released:
             counts = released["classifier"]
             pooled.classification = counts if pooled.classification is None else pooled.classification.merge(counts)
@@ -265,6 +324,12 @@ def scores(cfg: RunConfig, synthetic: Synthetic, pooled: Pooled, names: list[str
             "accuracy": counts.accuracy(), "auc": counts.auc(), "real_count": round(counts.count(), 1),
             "synthetic_train_count": int(synthetic.labels.shape[0]), "epochs": TSTR_EPOCHS,
             "auc_bins": protocol.SCORE_BINS, "privacy": cost("classifier")}
+    out["utility"] = utility_table(out.get("train_on_synthetic"))
+    if "memorization" in names and pooled.memorization:
+        out["memorization"] = {**memorization_scores(synthetic.distance_bins, pooled,
+                                                     int(synthetic.released_features.shape[0]),
+                                                     seed=synthetic.seed),
+                               "privacy": cost("memorization")}
     out["diversity_ssim"] = {
         "per_class": {name: diversity_ssim(synthetic.images[synthetic.labels == c], seed=cfg.seed)
                       for c, name in enumerate(cfg.class_names)},
@@ -283,6 +348,86 @@ def scores(cfg: RunConfig, synthetic: Synthetic, pooled: Pooled, names: list[str
                 "not comparable with published Inception Scores",
         "privacy": public}
     return out
+
+
+UTILITY_NOT_RELEASED = (
+    "needs a classifier trained on the hospitals' real images; that classifier, and its scores "
+    "on held-out images, depend on the training images (one image can change every "
+    "prediction), so they may leave a hospital only through DP: DP-SGD training at each "
+    "hospital (or a DP-SGD federation) and then DP counts, a training epsilon per variant on "
+    "top of the GAN's. fedsynth does not run that training, so these rows are not released")
+
+
+def utility_table(train_on_synthetic: dict[str, Any] | None) -> dict[str, Any]:
+    """The downstream-utility table the seed paper asks for (a small CNN, tested on the
+    hospitals' held-out real images): only the train-on-synthetic row can be released."""
+    rows = []
+    for training_set in ("real only", "real + traditional augmentation", "synthetic only",
+                         "real + synthetic"):
+        if training_set == "synthetic only" and train_on_synthetic is not None:
+            rows.append({"training_set": training_set, "released": True,
+                         "accuracy": train_on_synthetic["accuracy"], "auc": train_on_synthetic["auc"],
+                         "real_test_count": train_on_synthetic["real_count"],
+                         "synthetic_train_count": train_on_synthetic["synthetic_train_count"]})
+        else:
+            rows.append({"training_set": training_set, "released": False,
+                         "reason": UTILITY_NOT_RELEASED if training_set != "synthetic only"
+                         else "the classifier evaluation was not run"})
+    return {"rows": rows, "test_set": "the hospitals' held-out real images (DP confusion and score "
+                                      "histograms, pooled)", "model": "shared/classifier.py SmallCNN"}
+
+
+def memorization_scores(edges: torch.Tensor, pooled: Pooled, synthetic_count: int, seed: int,
+                        draws: int = 200) -> dict[str, Any]:
+    """The memorization check from the pooled DP histograms (post-processing).
+
+    closer_probability: P(a training image is closer to its nearest synthetic image than a
+    held-out image is), 0.5 when the generator treats them alike (Meehan et al.'s data-copying
+    test in Mann-Whitney form). Its standard error combines sampling (Hanley & McNeil 1982)
+    and the DP noise (the released histograms redrawn with the mechanisms' public noise std).
+    flagged: closer_probability - 0.5 > MEMORIZATION_Z standard errors.
+    train_fraction_below_holdout_p1: the fraction of training images with a synthetic image
+    closer than the 1st percentile of held-out images' nearest-synthetic distance (about 0.01
+    without copying): how many training images have a synthetic twin closer than unseen real
+    images ever get, in the distance units of ``bin_edges``.
+    """
+    train, holdout = pooled.memorization["train"], pooled.memorization["holdout"]
+    n_train = float(train.clamp_min(0).sum().clamp_min(1.0))
+    n_holdout = float(holdout.clamp_min(0).sum().clamp_min(1.0))
+    u = closer_probability(train, holdout)
+    q1, q2 = u / (2 - u), 2 * u * u / (1 + u)
+    sampling = (u * (1 - u) + (n_train - 1) * (q1 - u * u) + (n_holdout - 1) * (q2 - u * u)) / (n_train * n_holdout)
+    generator = torch.Generator().manual_seed(seed)
+    std = {part: math.sqrt(v) for part, v in pooled.memorization_noise_var.items()}
+    redrawn = [closer_probability(train + std["train"] * torch.randn(train.shape, generator=generator, dtype=torch.float64),
+                                  holdout + std["holdout"] * torch.randn(holdout.shape, generator=generator, dtype=torch.float64))
+               for _ in range(draws)]
+    se = math.sqrt(max(sampling, 0.0) + float(np.var(redrawn)))
+    holdout_p1 = histogram_quantiles(holdout, edges, [0.01])[0]
+    below = torch.bucketize(torch.tensor(holdout_p1, dtype=torch.float64), edges, right=True) - 1
+    # whole bins strictly below the held-out 1st percentile, plus its bin's share (linear)
+    fraction = float(train.clamp_min(0)[:below].sum())
+    if below < len(edges) - 1:
+        width = float(edges[below + 1] - edges[below])
+        fraction += float(train.clamp_min(0)[below]) * (holdout_p1 - float(edges[below])) / width
+    quantiles = (0.01, 0.05, 0.5)
+    return {
+        "closer_probability": u, "standard_error": se,
+        "flagged": bool(u - 0.5 > MEMORIZATION_Z * se),
+        "train_fraction_below_holdout_p1": min(fraction / n_train, 1.0),
+        "train_quantiles": dict(zip(("p1", "p5", "p50"), histogram_quantiles(train, edges, quantiles))),
+        "holdout_quantiles": dict(zip(("p1", "p5", "p50"), histogram_quantiles(holdout, edges, quantiles))),
+        "train_count": round(n_train, 1), "holdout_count": round(n_holdout, 1),
+        "synthetic_count": synthetic_count,
+        "train_cap_per_hospital": protocol.MEMORIZATION_MAX_TRAIN,
+        "bin_edges": edges.tolist(), "train_histogram": train.tolist(), "holdout_histogram": holdout.tolist(),
+        "feature_space": "all features of eval-features (Euclidean distance)",
+        "note": "training images (at most train_cap_per_hospital per hospital, a random subset) vs "
+                "held-out images: distance to the nearest released synthetic image; flagged when "
+                f"training images are closer by more than {MEMORIZATION_Z:g} standard errors "
+                "(sampling and DP noise). The real-real nearest-neighbour distance is not released "
+                "(no useful sensitivity bound: shared/dp_stats.py dp_memorization_histograms).",
+    }
 
 
 def evaluate_release(grid: Grid, cfg: RunConfig, state: ServerState, ema_weights: dict[str, np.ndarray],
@@ -332,6 +477,8 @@ def summary_line(section: dict[str, Any]) -> str:
         parts.append(f"FID {s['fid']['value']:.2f}")
     if "recall" in s:
         parts.append(f"recall {s['recall']['value']:.2f}")
+    if "memorization" in s:
+        parts.append("memorization FLAGGED" if s["memorization"]["flagged"] else "memorization not flagged")
     if "train_on_synthetic" in s:
         parts.append(f"TSTR accuracy {s['train_on_synthetic']['accuracy']:.2f}, "
                      f"AUC {s['train_on_synthetic']['auc']:.2f}")

@@ -10,9 +10,12 @@
                                   digest equal to the one in its signed ledger entry),
                                   folded into FedAvg weighted by declared dataset size
         fewer than min-hospitals trained -> stop cleanly (release what exists)
-        aggregate; EMA of the generator; checkpoint; sample grid
-    evaluate = true: DP scores from the hospitals' held-out images (server/evaluation.py)
-    release (server/release.py)
+        aggregate; EMA of the generator
+        round in eval-every's rounds: DP scores from the hospitals (server/evaluation.py)
+        checkpoint; metrics.csv (server/round_metrics.py); sample grid
+    evaluate = true: DP scores of the release from the hospitals' held-out images, and the
+        memorization check against their training images (server/evaluation.py)
+    release (server/release.py), with metrics.csv
 
 The server never sees a hospital's data or its budget settings beyond what the
 hospital reports; it cannot make a hospital train past its own budget (the hospital's
@@ -31,7 +34,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from server import checkpoint, evaluation, release, replies
+from server import checkpoint, evaluation, release, replies, round_metrics
 from server.checkpoint import ServerState
 from server.strategy import FedAvg, ema
 from shared import models, weights
@@ -216,8 +219,14 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         global_w = fedavg.result()
         ema_w = ema(ema_w, generator_part(global_w), cfg.g_ema_decay)
         state.round = rnd
+        if rnd in cfg.eval_rounds:   # before the checkpoint: a resumed run keeps the scores
+            record["evaluation"] = evaluation.evaluate_release(
+                grid, cfg, state, ema_w, [n for n in wait_for_nodes(grid, cfg) if n not in excluded],
+                evaluation.EVALUATIONS)
+            _say(f"round {rnd}: " + evaluation.summary_line(record["evaluation"]))
         state.rounds.append(record)
         path = checkpoint.save(out, state, global_w, ema_w)
+        round_metrics.write(out / round_metrics.FILENAME, round_metrics.rows(state))
         release.save_grid(release.generator_from(cfg, ema_w), cfg,
                           out / "samples" / f"round-{rnd:04d}.png")
         eps = {h: m["epsilon"] for h, m in record["clients"].items()}
@@ -236,10 +245,14 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     if cfg.evaluate:
         _say(f"evaluating the release on the hospitals' held-out images "
              f"(eval-epsilon {cfg.eval_epsilon:g} each)")
-        scores = evaluation.evaluate_release(grid, cfg, state, ema_w, wait_for_nodes(grid, cfg))
+        scores = evaluation.evaluate_release(grid, cfg, state, ema_w, wait_for_nodes(grid, cfg),
+                                             evaluation.RELEASE_EVALUATIONS)
         _say(evaluation.summary_line(scores))
     where = release.write_release(out, cfg, state, global_w, ema_w, stopped=stopped,
                                   evaluation=scores)
+    table = round_metrics.rows(state, scores)
+    round_metrics.write(out / round_metrics.FILENAME, table)
+    round_metrics.write(where / round_metrics.FILENAME, table)
     summary = release.privacy_summary(state)
     for hospital, p in summary["per_hospital"].items():
         _say(f"{hospital}: epsilon {p['epsilon']:.3f} (delta {p['delta']:.2e}, "

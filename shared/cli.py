@@ -3,6 +3,7 @@
     fedsynth run CONFIG            coordinator: run a federation (Simulation Engine)
     fedsynth client budget DIR     hospital: what its ledger says it has spent
     fedsynth audit RELEASE         auditor: verify ledgers and recompute epsilon
+    fedsynth report OUTPUT_DIR     anyone: PNG plots of a run's metrics.csv
 
 Every command validates its input first and exits non-zero with one line naming the
 file and the problem.
@@ -37,6 +38,9 @@ def _register_subcommands() -> None:
     app.command("certs")(certs_command)
     app.command("enroll")(enroll_command)
     app.command("audit")(audit_command)
+    from server.report import report_command
+
+    app.command("report")(report_command)
 
 
 def fail(message: str, code: int = 2) -> None:

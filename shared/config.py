@@ -110,13 +110,19 @@ KNOBS: tuple[Knob, ...] = (
          _positive, "> 0"),
     Knob("sim-hospital-epsilon", 0.0,
          "Simulation: every simulated hospital's own epsilon budget (0 = target-epsilon, "
-         "plus eval-epsilon when evaluate = true).",
+         "plus eval-epsilon for each planned evaluation: the release's and one every "
+         "eval-every rounds).",
          _nonnegative, ">= 0"),
     # --- federated evaluation at release (docs: server/evaluation.py)
     Knob("evaluate", False,
          "Server: after the last round, evaluate the release on the hospitals' held-out "
-         "images (FID, per-class FID, recall, train-on-synthetic accuracy/AUC), with DP.",
+         "images (FID, per-class FID, recall, train-on-synthetic accuracy/AUC) and check it for "
+         "memorization against their training images, with DP.",
          lambda v: isinstance(v, bool), "true or false"),
+    Knob("eval-every", 0,
+         "Server: with evaluate = true, also evaluate after every K-th round (each costs "
+         "every hospital eval-epsilon more; the scores go to metrics.csv); 0 = only at release.",
+         _nonnegative, ">= 0"),
     Knob("eval-epsilon", 1.0,
          "Epsilon each hospital spends on one evaluation, all its releases together "
          "(on top of training: a hospital's budget needs this headroom).",
@@ -191,6 +197,8 @@ def validate(values: dict[str, Any], source: str = "config") -> dict[str, Value]
             f"{source}: eval-fid-dims = {out['eval-fid-dims']} needs more than that many synthetic "
             f"images (eval-samples x classes = {synthetic}); lower it or raise eval-samples"
         )
+    if out["eval-every"] and not out["evaluate"]:
+        raise ConfigError(f"{source}: eval-every = {out['eval-every']} needs evaluate = true")
     if out["min-hospitals"] > out["num-hospitals"]:
         raise ConfigError(
             f"{source}: min-hospitals = {out['min-hospitals']} exceeds "
@@ -247,6 +255,7 @@ class RunConfig:
     dirichlet_alpha: float
     sim_hospital_epsilon: float
     evaluate: bool
+    eval_every: int
     eval_epsilon: float
     eval_samples: int
     eval_split: str
@@ -262,6 +271,19 @@ class RunConfig:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def eval_rounds(self) -> tuple[int, ...]:
+        """Rounds after which the server evaluates before the release (eval-every); the
+        last round's scores are the release's own evaluation."""
+        if not (self.evaluate and self.eval_every):
+            return ()
+        return tuple(range(self.eval_every, self.num_rounds, self.eval_every))
+
+    @property
+    def planned_evaluations(self) -> int:
+        """How many times each hospital is asked for eval-epsilon over the run."""
+        return len(self.eval_rounds) + (1 if self.evaluate else 0)
 
     @classmethod
     def from_flat(cls, values: dict[str, Any], source: str = "run config") -> "RunConfig":

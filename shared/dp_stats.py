@@ -38,6 +38,8 @@ What is released, and how accurate it can be (measured figures: ``benchmarks/fid
   one mechanism) gives the data-copying test. The other direction (each synthetic sample's
   distance to its nearest real) has sensitivity = the whole synthetic set, for the same reason as
   precision; ``dp_fake_coverage`` at small radii is its honest cumulative form.
+  ``dp_memorization_histograms`` is the release's check: training (capped) and held-out
+  histograms in one mechanism, with the sensitivity argument in its docstring.
 * Downstream utility (``dp_classification_counts``): confusion matrix and per-class score
   histograms of a classifier on the hospital's real test images; accuracy and ROC AUC are
   computed from them at the server.
@@ -865,6 +867,88 @@ def dp_nearest_fake_histogram(
         query="nearest_fake_histogram", generator=generator,
     )
     return dict(zip(groups, released["histograms"], strict=True)), mechanism
+
+
+def _nearest_histogram(features: torch.Tensor, fake_features: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    nearest = pairwise_distances(features, fake_features).min(dim=1).values
+    bins = torch.bucketize(nearest, edges, right=True) - 1  # edges[i] <= d < edges[i+1] -> bin i
+    return torch.bincount(bins, minlength=len(edges)).double()
+
+
+def dp_memorization_histograms(
+    train_features: torch.Tensor,
+    holdout_features: torch.Tensor,
+    fake_features: torch.Tensor,
+    bin_edges: torch.Tensor,
+    *,
+    max_train: int,
+    epsilon: float,
+    delta: float,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, torch.Tensor], Mechanism]:
+    """Noised histograms of each real image's distance to its nearest synthetic sample, for
+    the hospital's TRAINING images and, as the baseline, its HELD-OUT images (the data-copying
+    test of Meehan et al. 2020: a generator that copies brings training images closer to the
+    release than real images it never saw).
+
+    ``train_features`` (N, d) are the images the generator was trained on; at most
+    ``max_train`` of them, the first of a uniformly random permutation (drawn from
+    ``generator``: the hospital's secret randomness), are measured. ``holdout_features``
+    (H, d) are disjoint from them. ``bin_edges`` (public, increasing, from 0) as in
+    ``dp_nearest_fake_histogram``: ``len(bin_edges)`` counts per histogram, the last one the
+    overflow. Returns ``{"train": ..., "holdout": ...}`` and one Mechanism.
+
+    Sensitivity (add/remove one image). The synthetic features are public, so each measured
+    image falls in exactly one bin whatever the other real images are: one real image that is
+    the nearest neighbour of many synthetic images still adds one count (counting synthetic
+    images instead, "how many synthetic images lie within r of some training image", would
+    move by up to the whole synthetic set). A held-out image changes the held-out histogram by
+    1 in one cell and nothing else. A training image z: couple the permutations of D and
+    D + {z} by putting z at a uniform position j and moving the image w that held j to the
+    end (a uniform permutation of D + {z}). If N >= max_train, either j is beyond the cap
+    (nothing measured changes) or z replaces w (one count moves: L2 sqrt 2); if N < max_train,
+    z is added and w stays measured (L2 1). So the training histogram has L2 sensitivity
+    sqrt 2, the held-out one 1, and no image moves both: one Gaussian mechanism on two
+    disjoint groups of parts, each group weighted to sensitivity 1 (``_gaussian_release``
+    with ``disjoint_groups=2``), ``(noise_multiplier, 1, 1)`` in the ledger.
+
+    Not released, and why: the real-real nearest-neighbour distances (how close real images
+    are to each other). One image can be the nearest neighbour of as many others as the
+    kissing number of the feature space allows (4320 in 16 dimensions, astronomically more in
+    2048), so that histogram has no useful sensitivity bound; the distances of random
+    disjoint pairs of real images do (sqrt 3 under the coupling above), but their 1st
+    percentile is a pairwise, not a nearest-neighbour, distance (on PneumoniaMNIST, in
+    TinyFeatureNet features, 68-75 % of real images have one of 400 other real images within
+    it, copying or not), and it
+    rests on ~1 % of a few hundred pairs, below the noise. The held-out histogram is the
+    private baseline instead.
+    """
+    edges = torch.as_tensor(bin_edges, dtype=torch.float64)
+    if edges[0] != 0 or not bool((edges[1:] > edges[:-1]).all()):
+        raise ValueError(f"bin_edges must start at 0 and increase, got {edges.tolist()}")
+    if max_train < 1:
+        raise ValueError(f"max_train must be >= 1, got {max_train}")
+    generator = _make_generator(generator)
+    order = torch.randperm(train_features.shape[0], generator=generator)[:max_train]
+    parts = {"train": _nearest_histogram(train_features[order], fake_features, edges),
+             "holdout": _nearest_histogram(holdout_features, fake_features, edges)}
+    released, mechanism = _gaussian_release(
+        parts, {"train": math.sqrt(2.0), "holdout": 1.0}, {"train": 1.0, "holdout": 1.0},
+        epsilon=epsilon, delta=delta, query="memorization_histograms", generator=generator,
+        disjoint_groups=2,
+    )
+    return released, mechanism
+
+
+def closer_probability(histogram_a: torch.Tensor, histogram_b: torch.Tensor) -> float:
+    """P(distance of an a-image < distance of a b-image) from two (noised) histograms over
+    the same bins; a tie inside a bin counts 1/2 (the Mann-Whitney U / ROC AUC). 0.5 when
+    a and b are equally close. Negative noisy counts are set to 0; clipped to [0, 1]."""
+    a = torch.as_tensor(histogram_a, dtype=torch.float64).clamp_min(0.0)
+    b = torch.as_tensor(histogram_b, dtype=torch.float64).clamp_min(0.0)
+    b_above = b.sum() - torch.cumsum(b, 0)                # b-images in later (farther) bins
+    wins = (a * (b_above + b / 2)).sum()
+    return float((wins / (a.sum().clamp_min(1.0) * b.sum().clamp_min(1.0))).clamp(0.0, 1.0))
 
 
 def histogram_quantiles(counts: torch.Tensor, bin_edges: torch.Tensor, quantiles: Sequence[float]) -> list[float]:

@@ -8,7 +8,11 @@ so it is public):
                          the public FeatureTransform each hospital applies to its features
                          (synthetic mean; a fixed random subspace, FID_BASIS_SEED)
     synthetic-features   features (M, d) of the synthetic images                  (recall)
+    released-features    features (R, d) of exactly the released synthetic images (the
+                         release's samples-per-class per class)            (memorization)
     classifier           SmallCNN state dict trained on synthetic images only   (classifier)
+    distance-bins        edges (B + 1,): public bins of nearest-synthetic distances,
+                         from 0, made from the released images' features   (memorization)
 
 Hospital -> server: only noised statistics. Each record below is the output of one Gaussian
 mechanism, charged to the hospital's ledger before it is sent; the ledger entry's
@@ -18,14 +22,21 @@ mechanism, charged to the hospital's ledger before it is sent; the ledger entry'
                          class-<c>.sum-outer (k, k), class-<c>.outer-noise-std (1,)
     recall-counts        counts (2,): real images inside / outside the synthetic k-NN manifold
     classifier-counts    confusion (K, K) [true, predicted], score-histograms (H, 2, B)
+    memorization-histograms
+                         train (B + 1,), holdout (B + 1,): how many of the hospital's
+                         training images (a random subset of at most MEMORIZATION_MAX_TRAIN)
+                         and held-out images have their nearest synthetic image at a
+                         distance in each bin (shared/dp_stats.py dp_memorization_histograms)
 
 plus ``status``, ``metrics`` (privacy figures) and ``ledger`` (the signed entries, JSON).
 No per-image value, no exact count, no pixel leaves: the number of held-out images is
 known to the server only through the noised counts.
 
 Budget: the requested releases share the run's ``eval-epsilon`` by RDP composition
-(``shared.dp_stats.split_epsilon``) in the proportions ``BUDGET_WEIGHTS``: the FID covariance
-has k^2 noisy entries per class and gets most of it.
+(``shared.dp_stats.split_epsilon``) in the proportions ``BUDGET_WEIGHTS``, normalised over
+the releases asked for: the FID covariance has k^2 noisy entries per class and gets most of
+it. An evaluation every eval-every rounds asks for fid-stats, recall and classifier; the
+release's adds memorization; each costs eval-epsilon in all.
 """
 
 from __future__ import annotations
@@ -43,11 +54,14 @@ RELEASES: dict[str, tuple[str, float, str]] = {
     "fid-stats": ("eval-fid-stats", 0.7, "fid-stats"),
     "recall": ("eval-recall", 0.1, "recall-counts"),
     "classifier": ("eval-classifier", 0.2, "classifier-counts"),
+    "memorization": ("eval-memorization", 0.15, "memorization-histograms"),
 }
 BUDGET_WEIGHTS = {name: weight for name, (_, weight, _) in RELEASES.items()}
 RECALL_K = 3             # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
 FID_BASIS_SEED = 2048    # the random FID subspace: one for every generator and run
 SCORE_BINS = 10          # bins of the classifier's score histograms (ROC AUC)
+MEMORIZATION_MAX_TRAIN = 1000   # training images a hospital measures (a random subset)
+MEMORIZATION_BINS = 10          # distance bins (+ overflow) of the memorization histograms
 
 
 class ProtocolError(ValueError):
@@ -122,14 +136,15 @@ def features_record(features: torch.Tensor) -> ArrayRecord:
     return _record({"features": features.float().numpy()})
 
 
-def features_from_record(record: ArrayRecord, num_features: int) -> torch.Tensor:
+def features_from_record(record: ArrayRecord, num_features: int, min_rows: int = RECALL_K + 1,
+                         what: str = "synthetic-features") -> torch.Tensor:
     arrays = record_arrays(record)
     features = arrays.get("features")
     if features is None or features.ndim != 2 or features.shape[1] != num_features:
-        raise ProtocolError(f"synthetic-features: expected (M, {num_features}) features")
-    if features.shape[0] <= RECALL_K:
-        raise ProtocolError(f"synthetic-features: recall needs more than {RECALL_K} synthetic samples")
-    _finite(arrays, "synthetic-features")
+        raise ProtocolError(f"{what}: expected (M, {num_features}) features")
+    if features.shape[0] < min_rows:
+        raise ProtocolError(f"{what}: needs at least {min_rows} synthetic samples")
+    _finite(arrays, what)
     return torch.as_tensor(features, dtype=torch.float64)
 
 
@@ -147,6 +162,21 @@ def load_classifier(record: ArrayRecord, model: torch.nn.Module) -> torch.nn.Mod
     _finite(arrays, "classifier")
     model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()}, strict=False)
     return model.eval()
+
+
+def distance_bins_record(edges: torch.Tensor) -> ArrayRecord:
+    return _record({"edges": torch.as_tensor(edges, dtype=torch.float64).numpy()})
+
+
+def distance_bins_from_record(record: ArrayRecord) -> torch.Tensor:
+    arrays = record_arrays(record)
+    edges = arrays.get("edges")
+    if set(arrays) != {"edges"} or edges.ndim != 1 or not 2 <= edges.shape[0] <= 1001:
+        raise ProtocolError("distance-bins: expected one array 'edges' of 2 to 1001 numbers")
+    _finite(arrays, "distance-bins")
+    if edges[0] != 0 or not (np.diff(edges) > 0).all():
+        raise ProtocolError("distance-bins: edges must start at 0 and increase")
+    return torch.as_tensor(edges, dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------- hospital -> server
@@ -206,6 +236,18 @@ def classification_from_arrays(arrays: Mapping[str, np.ndarray], num_classes: in
     _finite(arrays, "classifier-counts")
     return ClassificationCounts(torch.as_tensor(confusion, dtype=torch.float64),
                                 torch.as_tensor(scores, dtype=torch.float64))
+
+
+def memorization_arrays(histograms: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: torch.as_tensor(histograms[k], dtype=torch.float64).numpy() for k in ("train", "holdout")}
+
+
+def memorization_from_arrays(arrays: Mapping[str, np.ndarray], num_edges: int) -> dict[str, torch.Tensor]:
+    if set(arrays) != {"train", "holdout"} or any(a.shape != (num_edges,) for a in arrays.values()):
+        raise ProtocolError(f"memorization-histograms: expected arrays 'train' and 'holdout' of "
+                            f"shape ({num_edges},)")
+    _finite(arrays, "memorization-histograms")
+    return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in arrays.items()}
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

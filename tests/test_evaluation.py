@@ -191,23 +191,28 @@ def test_a_deployed_hospital_evaluates_on_its_eval_data_path(tmp_path, synthetic
 
 @pytest.mark.slow
 def test_the_inception_path_end_to_end(tmp_path):
-    """The real FID network on both sides: 2 x 16 synthetic images, 32 held-out images."""
+    """The real FID network on both sides, the release's evaluation: 2 x 16 synthetic images
+    (2 x 8 released), 32 held-out and 64 training images."""
     # eval-epsilon 20: this test is about the Inception path, not about the noise
     values = dict(EVAL, eval_features="inception", eval_samples=16, eval_clip_norm=10.0,
                   eval_epsilon=20.0)
     cfg = smoke_config(tmp_path, **values)
+    names = list(evaluation.RELEASE_EVALUATIONS)
     synthetic = evaluation.synthetic_side(cfg, weights.to_numpy(models.build(cfg)))
-    assert synthetic.features.shape == (32, 2048)
-    reply = client_app.evaluate_reply(evaluate_content(synthetic), smoke_values(tmp_path, **values),
+    assert synthetic.features.shape == (32, 2048) and synthetic.released_features.shape == (16, 2048)
+    reply = client_app.evaluate_reply(evaluate_content(synthetic, names), smoke_values(tmp_path, **values),
                                       deployment_node(tmp_path, eval_images=32))
     assert reply["status"]["status"] == "ok"
     assert reply["fid-stats"]["class-0.sum-outer"].numpy().shape == (8, 8)
     with FakeGrid({}, {}):   # sets the task identity that Messages made outside Flower need
-        request = evaluation.evaluate_messages([1], synthetic, "t", 2)[0]
-        pooled = evaluation.pool([Message(content=reply, reply_to=request)], cfg, NAMES, synthetic, "t")
+        request = evaluation.evaluate_messages([1], synthetic, "t", 2, names)[0]
+        pooled = evaluation.pool([Message(content=reply, reply_to=request)], cfg, names, synthetic, "t")
     assert pooled.hospitals == ["st-elsewhere"], pooled.failures
-    fid = evaluation.scores(cfg, synthetic, pooled, NAMES, dict.fromkeys(NAMES, 1.0))["fid"]
-    assert math.isfinite(fid["estimate"]) and fid["features"] == "inception"
+    scores = evaluation.scores(cfg, synthetic, pooled, names, dict.fromkeys(names, 1.0))
+    assert math.isfinite(scores["fid"]["estimate"]) and scores["fid"]["features"] == "inception"
+    memorization = scores["memorization"]
+    assert 0 <= memorization["closer_probability"] <= 1 and memorization["synthetic_count"] == 16
+    assert 0 < memorization["bin_edges"][-1] and len(memorization["train_histogram"]) == 11
 
 
 # --------------------------------------------------------------------------- DP noise vs exact FID
@@ -316,12 +321,19 @@ def test_a_run_with_evaluate_releases_scores_with_their_privacy_cost(tmp_path):
     assert section["failures"] == []
     scores = section["scores"]
     assert set(scores) == {"fid", "fid_per_class", "recall", "train_on_synthetic", "diversity_ssim",
-                           "classifier_score"}
+                           "classifier_score", "memorization", "utility"}
     assert scores["fid"]["value"] > 0 and 500 < scores["fid"]["real_count"] < 750   # 624 held out
     assert set(scores["fid_per_class"]) == {"normal", "pneumonia"}
     assert 0 <= scores["recall"]["value"] <= 1
     assert 0 <= scores["train_on_synthetic"]["accuracy"] <= 1 and 0 <= scores["train_on_synthetic"]["auc"] <= 1
-    for name in ("fid", "recall", "train_on_synthetic"):
+    rows = {row["training_set"]: row for row in scores["utility"]["rows"]}
+    assert list(rows) == ["real only", "real + traditional augmentation", "synthetic only", "real + synthetic"]
+    assert [name for name, row in rows.items() if row["released"]] == ["synthetic only"]
+    assert rows["synthetic only"]["accuracy"] == scores["train_on_synthetic"]["accuracy"]
+    assert all("DP" in row["reason"] and "accuracy" not in row for row in rows.values() if not row["released"])
+    assert scores["memorization"]["flagged"] in (True, False)
+    assert 1500 < scores["memorization"]["train_count"] < 2500        # 2 x the 1000 cap
+    for name in ("fid", "recall", "train_on_synthetic", "memorization"):
         privacy = scores[name]["privacy"]
         assert privacy["mechanism"] == "gaussian" and 0 < privacy["epsilon_per_hospital"] < 1.0
     assert scores["diversity_ssim"]["privacy"]["mechanism"] == "none"
@@ -330,9 +342,10 @@ def test_a_run_with_evaluate_releases_scores_with_their_privacy_cost(tmp_path):
     for hospital in ("hospital-0", "hospital-1"):
         lines = (where / "ledger" / f"{hospital}.jsonl").read_text().splitlines()
         purposes = [json.loads(line)["purpose"] for line in lines]
-        assert purposes == ["train-discriminator"] * 2 + ["eval-fid-stats", "eval-recall", "eval-classifier"]
+        assert purposes == ["train-discriminator"] * 2 + ["eval-fid-stats", "eval-recall", "eval-classifier",
+                                                          "eval-memorization"]
         summary = result["privacy"]["per_hospital"][hospital]
-        assert summary["evaluation_releases"] == 3
+        assert summary["evaluation_releases"] == 4
         assert summary["epsilon_training"] < summary["epsilon"] <= summary["budget_epsilon"]
         assert summary["epsilon"] == pytest.approx(section["epsilon_after"][hospital])
         assert summary["rounds"] == [1, 2] and summary["sample_rate"] < 1.0
