@@ -52,6 +52,8 @@ log = logging.getLogger("fedsynth.client")
 STATUS_OK = "ok"
 STATUS_BUDGET = "budget-exhausted"
 PURPOSE_TRAIN = "train-discriminator"
+# Knobs that change where and how the server runs, never what a node computes.
+SERVER_ONLY_KNOBS = ("output-dir", "resume", "stop-after-round")
 
 app = ClientApp()
 
@@ -123,7 +125,13 @@ def train_reply(content: RecordDict, run_config: dict, node_config: dict,
 
     nets = models.build(cfg)
     weights.unpack(content["weights"], nets)
-    seed = ledger_mod.node_seed(hospital.state_dir, run_id, rnd, cfg.seed)
+    # The draws depend on the whole request: an identical request (a round re-sent after
+    # a crash) redraws the same noise and so releases nothing new, while two different
+    # requests (other weights, other knobs) get independent noise, as the accountant
+    # assumes when it composes them; shared noise would cancel in their difference.
+    knobs = {k: v for k, v in cfg.to_flat().items() if k not in SERVER_ONLY_KNOBS}
+    request = (weights.record_digest(content["weights"]), json.dumps(knobs, sort_keys=True))
+    seed = ledger_mod.node_seed(hospital.state_dir, run_id, rnd, cfg.seed, *request)
     stats, hist = train_round(nets["generator"], nets["discriminator"], data, cfg, plan,
                               seed=seed, accountant_history=ledger.history())
     added = sum(s for _, _, s in hist) - sum(s for _, _, s in ledger.history())

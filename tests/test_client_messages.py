@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import DATA, smoke_config, smoke_values
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -163,3 +164,32 @@ def test_node_refuses_the_round_that_would_cross_its_budget(tmp_path):
     assert second["metrics"]["epsilon-next"] > 9.5
     lines = (tmp_path / "hospitals" / "hospital-0" / "ledger.jsonl").read_text().splitlines()
     assert len(lines) == 1
+
+
+def test_the_noise_seed_follows_the_whole_request(tmp_path, monkeypatch):
+    """Identical requests redraw the same noise (nothing new is released); requests that
+    differ in weights or knobs draw independent noise (as the accountant's composition
+    assumes), except for the knobs that only say how the server runs (resume)."""
+    from client import ledger as ledger_mod
+
+    seeds = []
+    real_seed = ledger_mod.node_seed
+    monkeypatch.setattr(ledger_mod, "node_seed",
+                        lambda *a: seeds.append(real_seed(*a)) or seeds[-1])
+    values = smoke_values(tmp_path, sim_hospital_epsilon=1000.0)   # room for 5 rounds
+    cfg = smoke_config(tmp_path)
+    other = models.build(cfg)
+    with torch.no_grad():
+        other["generator"].embed.weight.add_(0.01)
+    requests = [
+        (_content(cfg), values),
+        (_content(cfg), values),                                    # the same again
+        (_content(cfg), {**values, "resume": True}),                # a resumed server
+        (RecordDict({"weights": weights.pack(other),                # other weights
+                     "config": ConfigRecord({"run-id": "t", "round": 1})}), values),
+        (_content(cfg), {**values, "lr-g": values["lr-g"] * 2}),   # another knob
+    ]
+    for content, run_config in requests:
+        client_app.train_reply(content, run_config, NODE)
+    assert seeds[0] == seeds[1] == seeds[2]
+    assert len({seeds[0], seeds[3], seeds[4]}) == 3
