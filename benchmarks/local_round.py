@@ -49,12 +49,15 @@ def run(repeats: int, local_d_steps: int | None = None) -> str:
         data = hospital_data(cfg)
         hospital = Hospital.from_node_config(SIM_NODE, cfg)
         plan, _ = client_app.plan_round(hospital, cfg, len(data))
-        nets = models.build(cfg)
         seeds = iter(range(10_000))
 
         def plain():
+            # fresh networks from the global weights, as the handler builds them, so both
+            # train the same model from the same state every time
+            nets = models.build(cfg)
+            weights.unpack(global_weights, nets)
             train_round(nets["generator"], nets["discriminator"], data, cfg, plan,
-                                   seed=next(seeds))
+                        seed=next(seeds))
 
         timed = interleaved({"plain train_round loop": plain, "train_reply (handler)": handler},
                             "plain train_round loop", repeats, calls=1, warmup=0)
