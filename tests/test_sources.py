@@ -464,7 +464,7 @@ def _print_outcome_table(image_size: int = 28) -> None:
     print(f"What `client.data.load_hospital` (image-size {image_size}, data-format dicom) makes "
           f"of each of the {len(BUNDLED)} files of pydicom {pydicom.__version__}'s bundled test "
           "files and the pydicom-data package, one file at a time "
-          "(`python -m tests.test_sources`).\n")
+          "(`python -m tests.test_sources > tests/bundled-dicom-files.md`).\n")
     for outcome, n in sorted(counts.items(), key=lambda c: (not c[0].startswith("loaded"), c[0])):
         print(f"- {outcome}: {n}")
     print("\n| file | outcome | images or reason |\n|---|---|---|")
