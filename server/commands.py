@@ -86,3 +86,21 @@ def release_dicom(
     if math.isinf(epsilon):
         typer.secho("  warning: the release has no privacy ledger; epsilon recorded as inf",
                     fg=typer.colors.YELLOW)
+
+
+FORMATS = ("dicom",)
+
+
+def release_export(
+    release_dir: Annotated[Path, typer.Argument(
+        help="The release folder (<output-dir>/release) or the run's output-dir.")],
+    out_dir: Annotated[Path, typer.Argument(help="New or empty folder for the exported files.")],
+    format_: Annotated[str, typer.Option(
+        "--format", help="dicom: Secondary Capture files (the release already holds PNG and .npz).")
+    ] = "dicom",
+) -> None:
+    """Export a release's synthetic images in another format (same as release-dicom)."""
+    if format_ not in FORMATS:
+        fail(f"--format {format_!r}: one of {', '.join(FORMATS)} (PNG and .npz are in the release)")
+    release_dicom(release_dir, out_dir)
+

@@ -29,9 +29,10 @@ def _register_subcommands() -> None:
     from shared.audit import audit_command
 
     app.add_typer(client_app, name="client")
-    from server.commands import release_dicom
+    from server.commands import release_dicom, release_export
 
     app.command("release-dicom")(release_dicom)
+    app.command("release")(release_export)
     from client.enroll import enroll_command
     from shared.certs import certs_command
 

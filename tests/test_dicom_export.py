@@ -112,3 +112,16 @@ def test_a_non_private_run_records_infinite_epsilon(tmp_path):
 def test_bad_arguments_are_refused_with_the_fix(tmp_path, overrides, labels, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         _release(tmp_path, np.zeros((2, 16, 16), np.float32), labels=labels, **overrides)
+
+
+def test_fedsynth_release_format_dicom_is_release_dicom(tmp_path):
+    from typer.testing import CliRunner
+
+    from shared.cli import app
+
+    result = CliRunner().invoke(app, ["release", str(tmp_path), str(tmp_path / "out"),
+                                      "--format", "png"])
+    assert result.exit_code == 2 and "--format 'png'" in result.output
+    result = CliRunner().invoke(app, ["release", str(tmp_path), str(tmp_path / "out"),
+                                      "--format", "dicom"])
+    assert result.exit_code == 2 and "release.json: not found" in result.output
