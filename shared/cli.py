@@ -1,9 +1,14 @@
 """The `fedsynth` command: one entry point for coordinators, hospitals and auditors.
 
-    fedsynth run CONFIG            coordinator: run a federation (Simulation Engine)
-    fedsynth client budget DIR     hospital: what its ledger says it has spent
-    fedsynth audit RELEASE         auditor: verify ledgers and recompute epsilon
-    fedsynth report OUTPUT_DIR     anyone: PNG plots of a run's metrics.csv
+    fedsynth run CONFIG              coordinator: run a federation (Simulation Engine)
+    fedsynth certs OUT --san HOST    coordinator: CA and SuperLink TLS certificate
+    fedsynth enroll DIR              hospital: SuperNode auth key + ledger signing key
+    fedsynth client budget DIR       hospital: what its ledger has spent, what remains
+    fedsynth client check-data       hospital: what would be read, what is skipped
+    fedsynth client deidentify       hospital: de-identified copy of a DICOM tree
+    fedsynth audit RELEASE           auditor: verify ledgers and recompute epsilon
+    fedsynth report OUTPUT_DIR       anyone: PNG plots of a run's metrics.csv
+    fedsynth release R OUT --format dicom  (= release-dicom) synthetic images as DICOM
 
 Every command validates its input first and exits non-zero with one line naming the
 file and the problem.
