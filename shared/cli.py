@@ -3,6 +3,7 @@
     fedsynth run CONFIG            coordinator: run a federation (Simulation Engine)
     fedsynth client budget DIR     hospital: what its ledger says it has spent
     fedsynth audit RELEASE         auditor: verify ledgers and recompute epsilon
+    fedsynth translate R IN OUT    anyone: apply a released CycleGAN translator to PNGs
 
 Every command validates its input first and exits non-zero with one line naming the
 file and the problem.
@@ -28,9 +29,10 @@ def _register_subcommands() -> None:
     from shared.audit import audit_command
 
     app.add_typer(client_app, name="client")
-    from server.commands import release_dicom
+    from server.commands import release_dicom, translate_command
 
     app.command("release-dicom")(release_dicom)
+    app.command("translate")(translate_command)
     from client.enroll import enroll_command
     from shared.certs import certs_command
 
