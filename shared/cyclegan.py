@@ -6,7 +6,7 @@ normal <-> pneumonia chest X-rays). Networks (image (N, 1, S, S) in [-1, 1], S =
 
     generator      = Translators: ab (A -> B) and ba (B -> A), each a small ResNet
                      translator (7x7 conv, one stride-2 down, 2 residual blocks, one 2x up,
-                     7x7 conv, tanh). Normalisation is GroupNorm with one group per channel
+                     7x7 conv) added to the input's logit, tanh: the identity at start. Normalisation is GroupNorm with one group per channel
                      (instance normalisation, per image): the generators read patient
                      images under per-sample DP, so no BatchNorm.
     discriminator  = Discriminators: a and b, PatchGAN-style (three convs, GroupNorm),
@@ -97,7 +97,13 @@ class ResidualBlock(nn.Module):
 
 
 class Translator(nn.Module):
-    """One direction: image (N, 1, S, S) in [-1, 1] -> image of the other domain, same shape."""
+    """One direction: image (N, 1, S, S) in [-1, 1] -> image of the other domain, same shape.
+
+    Residual in the logit of the image: tanh(atanh(x) + f(x)), with f's last layer zero at
+    initialisation, so a fresh translator is the identity. A scan's anatomy is what a
+    translation must keep; the networks learn only the change of domain, and the few DP
+    steps a hospital's budget allows are not spent on relearning the input.
+    """
 
     def __init__(self, width: int, blocks: int = 2):
         super().__init__()
@@ -108,10 +114,12 @@ class Translator(nn.Module):
             *[ResidualBlock(w2) for _ in range(blocks)],
             nn.Upsample(scale_factor=2, mode="nearest"),
             nn.Conv2d(w2, width, 3, padding=1), _instance_norm(width), nn.ReLU(),
-            nn.Conv2d(width, 1, 7, padding=3), nn.Tanh())
+            nn.Conv2d(width, 1, 7, padding=3))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return torch.tanh(torch.atanh(x.clamp(-0.995, 0.995)) + self.net(x))
 
 
 class Translators(nn.Module):
