@@ -7,7 +7,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test test-slow test-all bench clean
+.PHONY: setup demo test test-slow test-all bench compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test-all: setup
 
 bench: setup         ## benchmarks; figures go to benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks
+
+compare: setup       ## model families and mitigation options at one epsilon -> benchmarks/MODELS.md
+	$(BIN)/python -m benchmarks.compare_models
 
 clean:
 	rm -rf outputs

@@ -43,7 +43,7 @@ from client import train
 from client.data import HospitalData
 from shared.augment import RandomAugment
 from shared.config import RunConfig
-from shared.models import Discriminator, Generator
+from shared.cgan import Discriminator, Generator
 
 NOISE_MULTIPLIER = 1.0  # any sigma costs the same
 

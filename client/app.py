@@ -4,7 +4,9 @@
     load this hospital's images (cached on the node), calibrate sigma for the run plan
     budget check: epsilon after this round's steps > the hospital's own epsilon? -> refuse
     train (client/train.py), pack weights, digest them
-    append a signed entry to the ledger and fsync it        <- spend counted here
+    append a signed entry per DP mechanism to the ledger, fsync <- spend counted here
+        (the discriminator's; and the generator's where the family's generator reads
+        patient images, e.g. CycleGAN: `DPPlan.mechanisms`)
     reply: weights, scalar metrics, the signed ledger entry, and the node's whole ledger
            (every entry it ever signed: the auditor recomputes epsilon from the start)
 
@@ -13,7 +15,8 @@ FedAvg weight, losses on *generated* images only, privacy parameters, and the si
 ledger entry (numbers, hashes, the hospital's name). No pixel, label, file name, skipped
 file, detail of a data error, or realised Poisson batch size. The discriminator's loss
 on real images would be a statistic of the hospital's data, so it is not sent
-(`d-loss-fake` is sent instead).
+(`d-loss-fake` is sent instead); a family whose every loss involves patient images
+(CycleGAN: translations of real scans) sends no loss at all.
 
 The hospital's budget (epsilon, delta) comes from its node config and is enforced here:
 whatever the server's run config says, the node never trains past it.
@@ -41,7 +44,8 @@ from client import ledger as ledger_mod
 from client import threads
 from client.data import DataError, HospitalData, data_stamp, load_hospital
 from client.node import Hospital
-from client.train import DPPlan, calibrate_noise, sample_rate, train_round
+from client.train import (PURPOSE_DISCRIMINATOR, DPPlan, calibrate_noise,
+                          generator_private_steps, sample_rate, train_family_round)
 from shared import evaluation as protocol
 from shared import models, weights
 from shared.config import RunConfig
@@ -51,7 +55,7 @@ log = logging.getLogger("fedsynth.client")
 
 STATUS_OK = "ok"
 STATUS_BUDGET = "budget-exhausted"
-PURPOSE_TRAIN = "train-discriminator"
+PURPOSE_TRAIN = PURPOSE_DISCRIMINATOR
 # Knobs that change where and how the server runs, never what a node computes.
 SERVER_ONLY_KNOBS = ("output-dir", "resume", "stop-after-round")
 
@@ -71,7 +75,11 @@ def hospital_data(hospital: Hospital, cfg: RunConfig) -> HospitalData:
     only that this hospital has no usable data.
     """
     try:
-        return _cached_data(hospital, cfg, data_stamp(hospital))
+        data = _cached_data(hospital, cfg, data_stamp(hospital))
+        problem = models.family(cfg).data_problem(data.labels.numpy(), cfg.class_names)
+        if problem:
+            raise DataError(f"{hospital.data_path}: {problem}")
+        return data
     except DataError as e:
         log.error("%s: %s", hospital.hospital_id, e)
         raise DataError(f"{hospital.hospital_id}: the node's data cannot be used; the node's "
@@ -92,8 +100,20 @@ def plan_round(hospital: Hospital, cfg: RunConfig, n: int) -> tuple[DPPlan, floa
     """This round's mechanism: sigma reaches target-epsilon after all the run's steps."""
     delta = privacy_delta(hospital, n)
     plan = DPPlan(noise_multiplier=_noise(cfg, n, delta), sample_rate=sample_rate(cfg, n),
-                  steps=cfg.local_d_steps, max_grad_norm=cfg.max_grad_norm, dataset_size=n)
+                  steps=cfg.local_d_steps, max_grad_norm=cfg.max_grad_norm, dataset_size=n,
+                  g_steps=generator_private_steps(cfg))
     return plan, delta
+
+
+def _merged(hist: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """Consecutive steps of one (sigma, q) as one entry, as Opacus' RDPAccountant keeps them."""
+    out: list[tuple[float, float, int]] = []
+    for sigma, q, steps in hist:
+        if out and out[-1][:2] == (sigma, q):
+            out[-1] = (sigma, q, out[-1][2] + steps)
+        else:
+            out.append((sigma, q, steps))
+    return out
 
 
 def train_reply(content: RecordDict, run_config: dict, node_config: dict,
@@ -108,9 +128,8 @@ def train_reply(content: RecordDict, run_config: dict, node_config: dict,
     n = len(data)
     plan, delta = plan_round(hospital, cfg, n)
     ledger = ledger_mod.Ledger(hospital.state_dir, hospital.hospital_id)
-    step = (plan.noise_multiplier, plan.sample_rate, plan.steps)
     spent_before = ledger.epsilon(delta)
-    eps_after = ledger.epsilon_after([step], delta)
+    eps_after = ledger.epsilon_after(plan.history(), delta)
     common = {"delta": delta, "budget-epsilon": hospital.epsilon_budget,
               "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate}
     if eps_after > hospital.epsilon_budget:
@@ -132,35 +151,41 @@ def train_reply(content: RecordDict, run_config: dict, node_config: dict,
     knobs = {k: v for k, v in cfg.to_flat().items() if k not in SERVER_ONLY_KNOBS}
     request = (weights.record_digest(content["weights"]), json.dumps(knobs, sort_keys=True))
     seed = ledger_mod.node_seed(hospital.state_dir, run_id, rnd, cfg.seed, *request)
-    stats, hist = train_round(nets["generator"], nets["discriminator"], data, cfg, plan,
-                              seed=seed, accountant_history=ledger.history())
-    added = sum(s for _, _, s in hist) - sum(s for _, _, s in ledger.history())
-    if added != plan.steps:
-        raise RuntimeError(f"accountant saw {added} steps, the plan says {plan.steps}")
+    before = ledger.history()
+    stats, hist = train_family_round(nets, data, cfg, plan, seed=seed,
+                                     accountant_history=before)
+    if _merged(hist) != _merged(before + plan.history()):
+        raise RuntimeError(f"accountant's history {hist} is not the ledger's {before} "
+                           f"plus the plan's {plan.history()}")
 
+    # One entry per mechanism, each naming the update they produced together. The update
+    # leaves only after all of them are on disk.
     arrays = weights.to_numpy(nets)
-    entry = ledger.append(
-        run_id=run_id, round=rnd, mechanism="subsampled-gaussian", purpose=PURPOSE_TRAIN,
-        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-        steps=plan.steps, max_grad_norm=plan.max_grad_norm, dataset_size=n, delta=delta,
+    entries = [ledger.append(
+        run_id=run_id, round=rnd, mechanism="subsampled-gaussian", purpose=purpose,
+        noise_multiplier=sigma, sample_rate=q, steps=steps,
+        max_grad_norm=plan.max_grad_norm, dataset_size=n, delta=delta,
         budget_epsilon=hospital.epsilon_budget, weights_sha256=weights.digest(arrays),
-    )
+    ) for purpose, sigma, q, steps in plan.mechanisms()]
+    entry = entries[-1]
     log.info("%s: round %d trained, epsilon %.3f of %.3f", hospital.hospital_id, rnd,
              entry["epsilon"], hospital.epsilon_budget)
+    losses = {"d-loss-fake": stats.d_loss_fake, "g-loss": stats.g_loss}
     return RecordDict({
         "weights": weights.pack(nets),
         "metrics": MetricRecord({
             "num-examples": n,
-            "d-loss-fake": stats.d_loss_fake,
-            "g-loss": stats.g_loss,
+            **{k: v for k, v in losses.items() if v is not None},
             "epsilon": entry["epsilon"],
             "steps": plan.steps,
             "g-steps": stats.g_steps,
+            "g-private-steps": plan.g_steps,
             **common,
         }),
         "status": ConfigRecord({"status": STATUS_OK, "hospital-id": hospital.hospital_id}),
         "ledger": ConfigRecord({
             "entry": json.dumps(entry, sort_keys=True),
+            "entries": json.dumps(entries, sort_keys=True),
             "chain": json.dumps(ledger.entries, sort_keys=True),
             "public-key": ledger_mod.public_key_pem(ledger.public_key),
         }),

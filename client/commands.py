@@ -78,7 +78,7 @@ def check_data(
     min_size: Annotated[Optional[int], typer.Option(help="Smallest side kept, pixels.")] = None,
     run_config: Annotated[Optional[Path], typer.Option(
         help="The federation's run config (TOML); image-size and class-names come from it.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Training image size (28 or 64).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Training image size (28, 32 or 64).")] = None,
     class_names: Annotated[Optional[str], typer.Option(
         help="The federation's public class names, comma-separated, in label order.")] = None,
     preview: Annotated[Optional[Path], typer.Option(
@@ -144,6 +144,11 @@ def check_data(
     _print_skipped(data.skipped)
     if run_config is not None:
         from client.train import sample_rate
+        from shared.models import family
+
+        problem = family(cfg).data_problem(data.labels.numpy(), cfg.class_names)
+        if problem:
+            fail(f"{hospital.data_path}: {problem} (model = {cfg.model!r})", code=1)
 
         q = sample_rate(cfg, len(data))
         typer.echo(f"DP sampling: batch-size {cfg.batch_size} of {len(data)} images, "

@@ -33,6 +33,16 @@ label set; the hospital's label frequencies are private), plus a mode-seeking te
 label should not map to the same image. During that
 pass the discriminator's per-sample hooks are off and its parameters frozen, so no
 per-sample gradient is left behind in it.
+
+The same trainer serves every family whose generator draws from noise (cgan, stylegan:
+`shared/models.py`); a family whose generator reads patient images brings its own
+(`Family.train_round`, e.g. shared/cyclegan.py). Against mode collapse and small data:
+`loss` (non-saturating or hinge, shared/losses.py) and `diffaugment` (shared/diffaugment.py:
+the same kind of per-image random, differentiable augmentation on the real batch, on the
+generated batch of the discriminator step and on the generator step's images; each real
+image's augmentation depends on its own draw only, so it is part of that image's clipped
+term). Labels of generated images are drawn uniformly over the public label set (class
+balance without touching the hospital's private label frequencies).
 """
 
 from __future__ import annotations
@@ -49,10 +59,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client import ghost_clipping  # noqa: F401  (registers Conv2d ghost norms with Opacus)
 from client.data import HospitalData
+from shared import losses, models
 from shared.augment import RandomAugment
 from shared.config import RunConfig
+from shared.diffaugment import DiffAugment
 
 ADAM_BETAS = (0.5, 0.999)  # the seed paper's choice for both networks
+PURPOSE_DISCRIMINATOR = "train-discriminator"   # ledger purposes, one per mechanism
+PURPOSE_GENERATOR = "train-generator"
 
 
 def grad_sample_mode(cfg: RunConfig) -> str:
@@ -72,6 +86,21 @@ class DPPlan:
     steps: int
     max_grad_norm: float
     dataset_size: int
+    # generator mechanism's steps (families whose generator reads patient images: its own
+    # per-sample clipped, noised gradient with the same sigma and q); 0 = none
+    g_steps: int = 0
+
+    def mechanisms(self) -> list[tuple[str, float, float, int]]:
+        """(ledger purpose, sigma, q, steps) of every private mechanism this round runs."""
+        out = [(PURPOSE_DISCRIMINATOR, self.noise_multiplier, self.sample_rate, self.steps)]
+        if self.g_steps:
+            out.append((PURPOSE_GENERATOR, self.noise_multiplier, self.sample_rate,
+                        self.g_steps))
+        return out
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """What the accountant adds for this round: one (sigma, q, steps) per mechanism."""
+        return [m[1:] for m in self.mechanisms()]
 
 
 def sample_rate(cfg: RunConfig, dataset_size: int) -> float:
@@ -84,16 +113,29 @@ def expected_batch(plan: "DPPlan") -> int:
     return max(1, int(plan.dataset_size * plan.sample_rate))
 
 
+def generator_private_steps(cfg: RunConfig) -> int:
+    """Steps per round of the generator's own DP mechanism (0 unless its family's generator
+    reads patient images): one per `d-steps-per-g-step` discriminator steps."""
+    if not models.family(cfg).generator_mechanism:
+        return 0
+    return cfg.local_d_steps // cfg.d_steps_per_g_step
+
+
 def calibrate_noise(cfg: RunConfig, dataset_size: int, target_epsilon: float,
                     delta: float) -> float:
-    """Sigma such that all rounds' steps together reach target_epsilon (never above it)."""
+    """Sigma such that all rounds' steps together reach target_epsilon (never above it).
+
+    With a generator mechanism (same sigma, same q) the run composes
+    rounds x (d steps + g steps) subsampled-Gaussian steps: RDP adds up per step, so that
+    total is exactly the composition of the two mechanisms.
+    """
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
     return get_noise_multiplier(
         target_epsilon=target_epsilon,
         target_delta=delta,
         sample_rate=sample_rate(cfg, dataset_size),
-        steps=cfg.num_rounds * cfg.local_d_steps,
+        steps=cfg.num_rounds * (cfg.local_d_steps + generator_private_steps(cfg)),
         accountant="rdp",
         epsilon_tolerance=0.005,
     )
@@ -101,8 +143,10 @@ def calibrate_noise(cfg: RunConfig, dataset_size: int, target_epsilon: float,
 
 @dataclass
 class RoundStats:
-    d_loss_fake: float   # discriminator loss on generated images (no real data in it)
-    g_loss: float        # generator loss (generated images only)
+    # losses on generated images only (no real data in them); None where every loss the
+    # family computes involves patient images (CycleGAN): then none is sent
+    d_loss_fake: float | None
+    g_loss: float | None
     d_steps: int
     g_steps: int
 
@@ -123,7 +167,7 @@ def _mode_seeking(fake: torch.Tensor, z: torch.Tensor, half: int) -> torch.Tenso
 
 def make_private(engine: PrivacyEngine, discriminator: nn.Module,
                  optimizer: torch.optim.Optimizer, loader: DataLoader, plan: DPPlan,
-                 noise_rng: torch.Generator, mode: str):
+                 noise_rng: torch.Generator, mode: str, loss: str = "non-saturating"):
     """Opacus' make_private for the discriminator: Poisson sampling at the plan's rate,
     clip C, noise sigma*C, summed losses. Returns (module, optimizer, real_loss, loader);
     real_loss is Opacus' ghost-clipping criterion, or None in "hooks" mode."""
@@ -136,12 +180,15 @@ def make_private(engine: PrivacyEngine, discriminator: nn.Module,
     if mode == "hooks":
         private_d, optimizer, loader = engine.make_private(**common)
         return private_d, optimizer, None, loader
-    return engine.make_private(**common, criterion=nn.BCEWithLogitsLoss(reduction="sum"))
+    criterion = (nn.BCEWithLogitsLoss(reduction="sum") if loss == "non-saturating"
+                 else losses.RealImageCriterion(loss, reduction="sum"))
+    return engine.make_private(**common, criterion=criterion)
 
 
 def discriminator_gradient(private_d: nn.Module, opt_d, real_loss, real: torch.Tensor,
                            labels: torch.Tensor, fake: torch.Tensor, y_fake: torch.Tensor,
-                           B: int, max_grad_norm: float) -> tuple[float, bool]:
+                           B: int, max_grad_norm: float,
+                           loss: str = "non-saturating") -> tuple[float, bool]:
     """Leave the step's gradient g (module docstring) in the discriminator's `.grad`.
 
     real: the (augmented) Poisson batch, (|S|, 1, S, S), labels (|S|,); fake: exactly B
@@ -154,7 +201,10 @@ def discriminator_gradient(private_d: nn.Module, opt_d, real_loss, real: torch.T
     # 1. Generated-image gradient: no patient data, no per-sample clipping, no noise.
     opt_d.zero_grad(set_to_none=True)
     private_d.disable_hooks()
-    loss_fake = _bce(private_d(fake, y_fake), 0.0, "sum")
+    if loss == "non-saturating":
+        loss_fake = _bce(private_d(fake, y_fake), 0.0, "sum")
+    else:
+        loss_fake = losses.d_fake(private_d(fake, y_fake), loss).sum()
     loss_fake.backward()
     fake_grads = [p.grad.detach().clone() for p in d_params]
     norm = torch.sqrt(sum((g * g).sum() for g in fake_grads))
@@ -166,8 +216,10 @@ def discriminator_gradient(private_d: nn.Module, opt_d, real_loss, real: torch.T
     private_d.enable_hooks()
 
     # 2. Real-image gradient: per-sample clip, then (pre_step) Gaussian noise, accountant.
-    if real_loss is None:                # Opacus' per-sample hooks
+    if real_loss is None and loss == "non-saturating":   # Opacus' per-sample hooks
         _bce(private_d(real, labels), 1.0, "sum").backward()
+    elif real_loss is None:
+        losses.d_real(private_d(real, labels), loss).sum().backward()
     elif len(real) > 0:                  # ghost clipping: both of its backward passes
         real_loss(private_d(real, labels), torch.ones(len(real))).backward()
     else:                                # empty Poisson batch (Opacus' ghost norms reject
@@ -178,6 +230,19 @@ def discriminator_gradient(private_d: nn.Module, opt_d, real_loss, real: torch.T
     for p, g in zip(d_params, fake_grads):
         p.grad.add_(g).div_(B)
     return loss_fake.item(), True
+
+
+def train_family_round(nets: dict[str, nn.Module], data: HospitalData, cfg: RunConfig,
+                       plan: DPPlan, seed: int,
+                       accountant_history: list[tuple[float, float, int]] | None = None,
+                       ) -> tuple[RoundStats, list[tuple[float, float, int]]]:
+    """One local round of the configured family, in place on `nets`: the family's own
+    trainer if it has one, else `train_round` below. Same returns as `train_round`."""
+    own = models.family(cfg).train_round
+    if own is not None:
+        return own(nets, data, cfg, plan, seed, accountant_history)
+    return train_round(nets["generator"], nets["discriminator"], data, cfg, plan, seed=seed,
+                       accountant_history=accountant_history)
 
 
 def train_round(
@@ -211,7 +276,8 @@ def train_round(
                         generator=sampling_rng)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr_d, betas=ADAM_BETAS)
     private_d, opt_d, real_loss, loader = make_private(
-        engine, discriminator, opt_d, loader, plan, noise_rng, mode or grad_sample_mode(cfg))
+        engine, discriminator, opt_d, loader, plan, noise_rng, mode or grad_sample_mode(cfg),
+        cfg.loss)
     if len(data) != plan.dataset_size or abs(1 / len(loader) - plan.sample_rate) > 1e-12:
         raise RuntimeError(f"DP plan {plan} does not match the data actually sampled")
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_g, betas=ADAM_BETAS)
@@ -221,6 +287,16 @@ def train_round(
         z = torch.randn(n, cfg.latent_dim)
         y = torch.randint(0, cfg.num_classes, (n,))
         return generator(z, y), y
+
+    diff_augment = DiffAugment(cfg.diffaugment)
+    # its own stream (secret-seeded like the others); never drawn from when off, so a run
+    # without it draws exactly what it always drew
+    diff_rng = torch.Generator().manual_seed(seed + 3)
+
+    def diff_augmented(x: torch.Tensor) -> torch.Tensor:
+        if not diff_augment.active:
+            return x
+        return diff_augment(x, diff_augment.draw(len(x), x.shape[-1], diff_rng))
 
     d_fake_sum, g_sum, g_steps = 0.0, 0.0, 0
     batches = iter(loader)
@@ -236,8 +312,8 @@ def train_round(
         with torch.no_grad():
             fake, y_fake = generated(B)
         loss_fake, stepped = discriminator_gradient(
-            private_d, opt_d, real_loss, augment(real, sampling_rng), labels, fake, y_fake,
-            B, plan.max_grad_norm)
+            private_d, opt_d, real_loss, diff_augmented(augment(real, sampling_rng)), labels,
+            diff_augmented(fake), y_fake, B, plan.max_grad_norm, cfg.loss)
         if stepped:
             opt_d.original_optimizer.step()
         opt_d.zero_grad(set_to_none=True)
@@ -253,7 +329,11 @@ def train_round(
             y_fake = torch.randint(0, cfg.num_classes, (half,)).repeat(2)
             z = torch.randn(2 * half, cfg.latent_dim)
             fake = generator(z, y_fake)
-            loss_g = _bce(private_d(fake, y_fake), 1.0, "mean")
+            if cfg.loss == "non-saturating" and not diff_augment.active:
+                loss_g = _bce(private_d(fake, y_fake), 1.0, "mean")
+            else:
+                loss_g = losses.g_adversarial(private_d(diff_augmented(fake), y_fake),
+                                              cfg.loss).mean()
             if cfg.g_diversity > 0:
                 loss_g_total = loss_g + cfg.g_diversity * _mode_seeking(fake, z, half)
             else:

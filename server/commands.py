@@ -104,3 +104,77 @@ def release_export(
         fail(f"--format {format_!r}: one of {', '.join(FORMATS)} (PNG and .npz are in the release)")
     release_dicom(release_dir, out_dir)
 
+
+def translate_command(
+    release_dir: Annotated[Path, typer.Argument(
+        help="A CycleGAN release folder (<output-dir>/release) or the run's output-dir.")],
+    in_dir: Annotated[Path, typer.Argument(help="Folder of PNG images of the source domain.")],
+    out_dir: Annotated[Path, typer.Argument(help="New or empty folder for the translations.")],
+    to: Annotated[str, typer.Option(
+        help="Target domain: a class name of the release (default: its domain B).")] = "",
+) -> None:
+    """Translate a folder of PNG images with a released CycleGAN translator.
+
+    Each *.png in IN_DIR (grayscale; other modes are converted) is resized and padded to the
+    release's image size exactly as training preprocesses scans, translated into the target
+    domain, and written to OUT_DIR under the same name, 8-bit grayscale at that size.
+    Post-processing of a DP release: no privacy cost.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from client.data import preprocess_images
+    from shared import cyclegan
+    from shared.config import ConfigError, RunConfig
+
+    if not (release_dir / "release.json").exists() and (release_dir / "release" / "release.json").exists():
+        release_dir = release_dir / "release"
+    meta_path = release_dir / "release.json"
+    if not meta_path.is_file():
+        fail(f"{meta_path}: not found; pass the release folder that `fedsynth run` wrote")
+    try:
+        meta = json.loads(meta_path.read_text())
+        cfg = RunConfig.from_flat(meta["config"], str(meta_path))
+        images_info = meta["images"]
+    except (ValueError, KeyError, TypeError, ConfigError) as e:
+        fail(f"{meta_path}: not a fedsynth release.json ({type(e).__name__}: {e})")
+    if cfg.model != "cyclegan":
+        fail(f"{meta_path}: a {cfg.model} release has no translator; translate needs a "
+             "model = 'cyclegan' release")
+    a, b = cfg.class_names
+    target = to or b
+    if target not in (a, b):
+        fail(f"--to {target!r}: not a domain of this release (domains: {a}, {b})")
+    direction = "a-to-b" if target == b else "b-to-a"
+    weights_path = release_dir / images_info["translators"][direction]
+    if not weights_path.is_file():
+        fail(f"{weights_path}: not found; the release is incomplete")
+    if not in_dir.is_dir():
+        fail(f"{in_dir}: not a folder of PNG images")
+    pngs = sorted(p for p in in_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    if not pngs:
+        fail(f"{in_dir}: no .png files in it")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        fail(f"{out_dir}: exists and is not an empty folder; choose a new output folder")
+
+    arrays = []
+    for path in pngs:
+        try:
+            with Image.open(path) as im:
+                arrays.append(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
+        except (OSError, UnidentifiedImageError) as e:
+            fail(f"{path}: not a readable PNG image ({e})")
+    translator = cyclegan.Translator(cfg.g_width)
+    try:
+        translator.load_state_dict(torch.load(weights_path, weights_only=True))
+    except (RuntimeError, OSError, ValueError) as e:
+        fail(f"{weights_path}: does not fit this release's translator ({e})")
+    x = preprocess_images(arrays, cfg)
+    with torch.no_grad():
+        translated = cyclegan.to_uint8(translator.eval()(x))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path, image in zip(pngs, translated):
+        Image.fromarray(image).save(out_dir / path.name)
+    typer.echo(f"translated {len(pngs)} images {a if direction == 'a-to-b' else b} -> {target} "
+               f"into {out_dir} ({cfg.image_size}x{cfg.image_size})")

@@ -141,17 +141,21 @@ def check_reply(reply: Message, cfg: RunConfig,
     node, hospital, metrics, content = info["node"], info["hospital"], info["metrics"], reply.content
     try:
         entry = json.loads(content["ledger"]["entry"])
+        # one entry per DP mechanism of the round (client/app.py); older nodes sent one
+        entries = (json.loads(content["ledger"]["entries"])
+                   if "entries" in content["ledger"] else [entry])
         record = content["weights"]
         weights.unpack(record, models.build(cfg))          # keys, dtypes, shapes, finite
         arrays = {k: record[k].numpy() for k in record.keys()}
     except (KeyError, ValueError, weights.WeightsError) as e:
         return "error", {"node": node, "hospital": hospital, "reason": f"rejected update: {e}"}
     received = weights.digest(arrays)
-    if entry.get("weights_sha256") != received:
+    if not entries or entries[-1] != entry or \
+            any(not isinstance(e, dict) or e.get("weights_sha256") != received for e in entries):
         return "error", {"node": node, "hospital": hospital,
                          "reason": "update does not match the digest in its ledger entry"}
     try:
-        chain = replies.ledger_chain(content, [entry])
+        chain = replies.ledger_chain(content, entries)
     except ValueError as e:
         return "error", {"node": node, "hospital": hospital, "reason": f"rejected ledger: {e}"}
     return "ok", {"node": node, "hospital": hospital, "metrics": metrics, "entry": entry,

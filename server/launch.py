@@ -26,7 +26,7 @@ from typing import Callable
 import httpx
 
 from client.data import DataError, read_npz
-from shared import partition
+from shared import models, partition
 from shared.config import ConfigError, RunConfig, Value
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app = this repository
@@ -62,7 +62,11 @@ def preflight(cfg: RunConfig) -> None:
                                 cfg.dirichlet_alpha, cfg.seed)
     except partition.PartitionError as e:
         raise ConfigError(f"{path}: {e}") from None
+    family = models.family(cfg)
     for i, idx in enumerate(parts):
+        problem = family.data_problem(labels[idx], cfg.class_names)
+        if problem:
+            raise ConfigError(f"{path}: hospital-{i}: {problem}")
         if len(idx) < cfg.batch_size:
             raise ConfigError(
                 f"{path}: hospital-{i} would hold {len(idx)} images, fewer than "

@@ -18,6 +18,11 @@
                                        run evaluates) `evaluation`: the DP scores with their
                                        privacy cost (server/evaluation.py)
 
+A translator family (`cyclegan`) has no images from noise: instead of images/, synthetic.npz
+it writes its own (`Family.write_images`: translator-a-to-b.pt, translator-b-to-a.pt,
+examples.npz) and its grid shows example inputs, translations and reconstructions
+(shared/cyclegan.py); generator*.pt then hold both translators.
+
 Everything here is post-processing of the hospitals' DP outputs: it costs no privacy.
 """
 
@@ -78,7 +83,12 @@ def grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
 
 def save_grid(generator: nn.Module, cfg: RunConfig, path: Path, columns: int = 10,
               scale: int = 3) -> None:
-    """One row per class, the same latent draws every round (so rounds compare)."""
+    """One row per class, the same latent draws every round (so rounds compare).
+    A translator family draws its own grid (`Family.save_grid`)."""
+    own = models.family(cfg).save_grid
+    if own is not None:
+        own(generator, cfg, path)
+        return
     labels = np.repeat(np.arange(cfg.num_classes), columns)
     images = generate(generator, labels, cfg.latent_dim, cfg.seed + SAMPLE_SEED_OFFSET)
     canvas = grid(images, cfg.num_classes)
@@ -123,6 +133,19 @@ def privacy_summary(state: ServerState) -> dict[str, Any]:
     }
 
 
+def write_samples(generator: nn.Module, cfg: RunConfig, folder: Path, seed: int) -> None:
+    """images/<class>/NNNNN.png and synthetic.npz: samples-per-class images per class."""
+    labels = np.repeat(np.arange(cfg.num_classes), cfg.samples_per_class)
+    images = generate(generator, labels, cfg.latent_dim, seed)
+    for c, name in enumerate(cfg.class_names):
+        sub = folder / "images" / name
+        sub.mkdir(parents=True)
+        for i, img in enumerate(images[labels == c]):
+            Image.fromarray(img).save(sub / f"{i:05d}.png")
+    np.savez_compressed(folder / "synthetic.npz", train_images=images,
+                        train_labels=labels.astype(np.uint8).reshape(-1, 1))
+
+
 def write_release(output_dir: Path, cfg: RunConfig, state: ServerState,
                   global_weights: dict[str, np.ndarray],
                   ema_weights: dict[str, np.ndarray], stopped: str = "",
@@ -130,19 +153,17 @@ def write_release(output_dir: Path, cfg: RunConfig, state: ServerState,
     out = Path(output_dir) / "release"
     tmp = Path(output_dir) / ".release-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+    tmp.mkdir(parents=True)
 
     generator = generator_from(cfg, ema_weights)
-    labels = np.repeat(np.arange(cfg.num_classes), cfg.samples_per_class)
     sample_seed = cfg.seed + SAMPLE_SEED_OFFSET + 1
-    images = generate(generator, labels, cfg.latent_dim, sample_seed)
-    for c, name in enumerate(cfg.class_names):
-        folder = tmp / "images" / name
-        folder.mkdir()
-        for i, img in enumerate(images[labels == c]):
-            Image.fromarray(img).save(folder / f"{i:05d}.png")
-    np.savez_compressed(tmp / "synthetic.npz", train_images=images,
-                        train_labels=labels.astype(np.uint8).reshape(-1, 1))
+    family = models.family(cfg)
+    if family.write_images is not None:       # a translator: its own images and grid
+        images_info = family.write_images(generator, cfg, tmp)
+    else:
+        write_samples(generator, cfg, tmp, sample_seed)
+        images_info = {"per_class": cfg.samples_per_class, "classes": list(cfg.class_names),
+                       "size": cfg.image_size, "generator": "generator-ema.pt"}
     save_grid(generator, cfg, tmp / "grid.png")
     for name, arrays in (("generator.pt", global_weights), ("generator-ema.pt", ema_weights)):
         torch.save({k.split(".", 1)[1]: torch.from_numpy(v.copy())
@@ -167,8 +188,7 @@ def write_release(output_dir: Path, cfg: RunConfig, state: ServerState,
         "stopped_early": stopped,
         "hospitals": sorted(state.ledger),
         "privacy": privacy_summary(state),
-        "images": {"per_class": cfg.samples_per_class, "classes": list(cfg.class_names),
-                   "size": cfg.image_size, "generator": "generator-ema.pt"},
+        "images": images_info,
         "seeds": {"run": cfg.seed, "release_samples": sample_seed,
                   "grid": cfg.seed + SAMPLE_SEED_OFFSET},
         "config": cfg.to_flat(),

@@ -8,7 +8,9 @@
         prev_hash = the previous entry's hash     removed, inserted, reordered -> failure
         run id = the release's; a training entry's weights_sha256 = the digest the
         server recorded for that hospital and round (updates.json), and every recorded
-        update has an entry (DP statistics count against the budget but are no update)
+        update has an entry (DP statistics count against the budget but are no update);
+        for a model whose generators read patient images (release.json's config: cyclegan)
+        an entry of each of its mechanisms (train-discriminator, train-generator)
         epsilon recomputed from (noise_multiplier, sample_rate, steps) of every entry
         so far, in order:
             Opacus RDP   must equal the claimed epsilon (relative 1e-6)
@@ -49,7 +51,10 @@ STRINGS = ("hospital_id", "run_id", "mechanism", "weights_sha256", "prev_hash", 
            "signature")
 REQUIRED = ("version",) + STRINGS + NUMBERS + INTEGERS
 EPSILON_RTOL = 1e-6
-TRAIN_PURPOSE = "train-discriminator"          # client/app.py PURPOSE_TRAIN
+TRAIN_PURPOSE = "train-discriminator"          # client/train.py PURPOSE_DISCRIMINATOR
+# every mechanism whose output is the round's model update (client/train.py: the
+# generator's own mechanism where the family's generator reads patient images)
+TRAIN_PURPOSES = (TRAIN_PURPOSE, "train-generator")
 NODE_LEDGER = "ledger.jsonl"
 NODE_PUBLIC_KEY = Path("keys") / "ledger-ed25519.pub.pem"
 
@@ -234,7 +239,7 @@ def is_training_update(e: dict[str, Any]) -> bool:
     budget and are checked like every entry, but the server records no update for them.
     """
     default = TRAIN_PURPOSE if e.get("mechanism") == "subsampled-gaussian" else ""
-    return e.get("purpose", default) == TRAIN_PURPOSE
+    return e.get("purpose", default) in TRAIN_PURPOSES
 
 
 # --------------------------------------------------------------------------- accountants
@@ -329,16 +334,29 @@ def _prv_epsilon(history: tuple[tuple[float, float, int], ...],
 
 # --------------------------------------------------------------------------- one ledger
 
+def required_purposes(model: Any) -> tuple[str, ...]:
+    """The mechanisms a round's update must be charged for, by the release's model family:
+    where the generator reads patient images (CycleGAN), its own mechanism too."""
+    from shared.models import FAMILIES, family
+
+    if isinstance(model, str) and model in FAMILIES and family(model).generator_mechanism:
+        return TRAIN_PURPOSES
+    return (TRAIN_PURPOSE,)
+
+
 def audit_ledger_entries(audit: HospitalAudit, entries: list[dict[str, Any]],
                          key: Ed25519PublicKey | None, run_id: str | None = None,
-                         recorded: dict[int, str] | None = None) -> None:
+                         recorded: dict[int, str] | None = None,
+                         required: tuple[str, ...] = (TRAIN_PURPOSE,)) -> None:
     """All checks on one hospital's entries; fills `audit` in place.
 
     run_id/recorded: in a release, the run's id and the digest the server recorded for
-    this hospital per round (None when auditing a node's own ledger).
+    this hospital per round (None when auditing a node's own ledger). required: the
+    purposes every recorded update must have an entry of (`required_purposes`).
     """
     prev = ""
     composition = RDPComposition()
+    purposes: dict[int, set[str]] = {}
     seen_rounds: set[int] = set()
     digests: dict[int, set[str]] = {}
     valid: list[dict[str, Any]] = []
@@ -351,6 +369,7 @@ def audit_ledger_entries(audit: HospitalAudit, entries: list[dict[str, Any]],
             if rnd is not None and is_training_update(e) and e.get("run_id") == run_id:
                 seen_rounds.add(rnd)     # the entry exists; what is wrong with it is named
                 digests.setdefault(rnd, set()).add(str(e.get("weights_sha256")))
+                purposes.setdefault(rnd, set()).add(str(e.get("purpose", TRAIN_PURPOSE)))
             # A broken entry still links the chain if it carries a hash.
             prev = e.get("hash", prev) if isinstance(e.get("hash"), str) else prev
             continue
@@ -392,6 +411,8 @@ def audit_ledger_entries(audit: HospitalAudit, entries: list[dict[str, Any]],
             # the server recorded is one of the entries (checked after the loop).
             digests.setdefault(rnd, set()).add(e["weights_sha256"])
             seen_rounds.add(rnd)
+            if recorded.get(rnd) == e["weights_sha256"]:
+                purposes.setdefault(rnd, set()).add(str(e.get("purpose", TRAIN_PURPOSE)))
 
         # Epsilon: the composition of every entry so far, as the node accounted it.
         composition.add(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
@@ -414,6 +435,12 @@ def audit_ledger_entries(audit: HospitalAudit, entries: list[dict[str, Any]],
             if recorded[rnd] not in digests.get(rnd, set()):
                 audit.fail(f"the update the server recorded ({recorded[rnd][:12]}...) matches "
                            "the weights_sha256 of no ledger entry of this round", None, rnd)
+                continue
+            for purpose in required:
+                if purpose not in purposes.get(rnd, set()):
+                    audit.fail(f"the update the server recorded has no {purpose!r} entry: "
+                               "every private mechanism behind it must be charged (this "
+                               "model's generators read patient images)", None, rnd)
 
     audit.entries = len(entries)
     if not valid:
@@ -509,7 +536,8 @@ def audit_release(release: Path, keys: Path | None = None) -> AuditReport:
         if unreadable:
             audit.fail(unreadable[1], unreadable[0])
         audit_ledger_entries(audit, entries, key, run_id=report.run_id or "",
-                             recorded=updates.get(hospital, {}))
+                             recorded=updates.get(hospital, {}),
+                             required=required_purposes((meta.get("config") or {}).get("model")))
         _check_release_claims(audit, meta)
     said = (meta.get("privacy") or {}).get("max_epsilon")
     worst = report.guarantee()["epsilon"]

@@ -9,6 +9,7 @@
     fedsynth audit RELEASE           auditor: verify ledgers and recompute epsilon
     fedsynth report OUTPUT_DIR       anyone: PNG plots of a run's metrics.csv
     fedsynth release R OUT --format dicom  (= release-dicom) synthetic images as DICOM
+    fedsynth translate R IN OUT      anyone: apply a released CycleGAN translator to PNGs
 
 Every command validates its input first and exits non-zero with one line naming the
 file and the problem.
@@ -34,10 +35,11 @@ def _register_subcommands() -> None:
     from shared.audit import audit_command
 
     app.add_typer(client_app, name="client")
-    from server.commands import release_dicom, release_export
+    from server.commands import release_dicom, release_export, translate_command
 
     app.command("release-dicom")(release_dicom)
     app.command("release")(release_export)
+    app.command("translate")(translate_command)
     from client.enroll import enroll_command
     from shared.certs import certs_command
 

@@ -19,6 +19,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from shared.diffaugment import valid_policy
+from shared.losses import LOSSES
+from shared.models import FAMILIES
+
 Value = bool | int | float | str
 
 
@@ -49,10 +53,13 @@ def _fraction(v: float) -> bool:
 
 KNOBS: tuple[Knob, ...] = (
     # --- what is trained
-    Knob("model", "cgan", "GAN family: cgan (class-conditional DCGAN).",
-         lambda v: v in ("cgan",), "one of: cgan"),
+    Knob("model", "cgan",
+         "GAN family (shared/models.py): cgan (class-conditional DCGAN), stylegan "
+         "(StyleGAN-style generator: mapping network, modulated convolutions, noise inputs), "
+         "cyclegan (unpaired translation between the two classes as domains).",
+         lambda v: v in FAMILIES, "one of: " + ", ".join(FAMILIES)),
     Knob("image-size", 28, "Side of the square single-channel images, pixels.",
-         lambda v: v in (28, 64), "28 or 64"),
+         lambda v: v in (28, 32, 64), "28, 32 or 64"),
     Knob("class-names", "normal,pneumonia",
          "Public label names, comma-separated, in label-index order.",
          lambda v: len([c for c in v.split(",") if c.strip()]) >= 1
@@ -79,6 +86,20 @@ KNOBS: tuple[Knob, ...] = (
     Knob("g-diversity", 1.0,
          "Weight of the generator's mode-seeking term against mode collapse (0 = off).",
          _nonnegative, ">= 0"),
+    Knob("loss", "non-saturating",
+         "GAN loss: non-saturating or hinge (shared/losses.py).",
+         lambda v: v in LOSSES, "one of: " + ", ".join(LOSSES)),
+    Knob("diffaugment", "",
+         "Differentiable augmentation of real and generated images in front of the "
+         "discriminator, per image (shared/diffaugment.py): comma-separated color, "
+         "translation, cutout; empty = off.",
+         valid_policy, "empty or a comma-separated subset of color, translation, cutout"),
+    Knob("cycle-weight", 10.0, "cyclegan: weight of the cycle-consistency L1 loss.",
+         _nonnegative, ">= 0"),
+    Knob("identity-weight", 0.0,
+         "cyclegan: weight of the identity L1 loss (0 = off; it costs a third pass of the "
+         "generators over each real image).",
+         _nonnegative, ">= 0"),
     Knob("batch-size", 128, "Expected Poisson batch size of real images (q = B / n).",
          _positive, "> 0"),
     Knob("lr-d", 2e-4, "Discriminator Adam learning rate.", _positive, "> 0"),
@@ -102,7 +123,9 @@ KNOBS: tuple[Knob, ...] = (
          _fraction, "in [0, 1)"),
     # --- simulation data (deployment hospitals set their data in their node config)
     Knob("data-path", "data/pneumoniamnist.npz",
-         "Simulation: MedMNIST .npz split across the simulated hospitals.",
+         "Simulation: MedMNIST .npz split across the simulated hospitals (cyclegan: its "
+         "val split also gives the release's example grid, images the coordinator may "
+         "publish).",
          lambda v: bool(v), "a path"),
     Knob("partition", "dirichlet", "Simulation: iid or dirichlet (label skew).",
          lambda v: v in ("iid", "dirichlet"), "iid or dirichlet"),
@@ -199,12 +222,21 @@ def validate(values: dict[str, Any], source: str = "config") -> dict[str, Value]
         )
     if out["eval-every"] and not out["evaluate"]:
         raise ConfigError(f"{source}: eval-every = {out['eval-every']} needs evaluate = true")
+    problem = _family_problem(out)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
     if out["min-hospitals"] > out["num-hospitals"]:
         raise ConfigError(
             f"{source}: min-hospitals = {out['min-hospitals']} exceeds "
             f"num-hospitals = {out['num-hospitals']}"
         )
     return out
+
+
+def _family_problem(flat: dict[str, Value]) -> str | None:
+    from shared.models import family
+
+    return family(str(flat["model"])).config_problem(flat)
 
 
 def load_toml(path: Path) -> dict[str, Value]:
@@ -239,6 +271,10 @@ class RunConfig:
     local_d_steps: int
     d_steps_per_g_step: int
     g_diversity: float
+    loss: str
+    diffaugment: str
+    cycle_weight: float
+    identity_weight: float
     batch_size: int
     lr_d: float
     lr_g: float

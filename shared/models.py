@@ -1,99 +1,84 @@
-"""Class-conditional DCGAN for single-channel medical images (28x28 or 64x64).
+"""Model families: one registry, one small interface, one module per family.
 
-Generator: noise z (latent_dim) and a class embedding -> image in [-1, 1], shape (N, 1, S, S).
-It never sees a real image, so it may use BatchNorm: it learns only through the private
-discriminator's output, which is post-processing of a DP mechanism.
+    FAMILIES = {"cgan": "shared.cgan", ...}     the `model` knob's values (shared/config.py)
 
-Discriminator: image (N, 1, S, S) and label (N,) -> logit (N,). It is trained with
-per-sample DP-SGD, so every layer must treat samples independently: GroupNorm instead of
-BatchNorm, no minibatch standard deviation. Class conditioning is by projection
-(Miyato & Koyama 2018): logit = w . h(x) + <embed(y), h(x)>.
+A family module (`shared/<name>.py`) defines `FAMILY = Family(...)`: how to build its
+named networks and everything the rest of fedsynth asks of it --
+
+    client/train.py          `train_round` (None: the default DP trainer, a private
+                             discriminator and a generator from noise that learns through it)
+    client/app.py            `generator_mechanism` (does the generator read patient images,
+                             i.e. is its update a DP mechanism of its own?), `data_problem`
+    server (aggregation,     `build`: the networks are always {"generator", "discriminator"},
+    checkpoints, release)    each any nn.Module, so weight packing (`shared/weights.py`:
+                             prefixed keys in one ArrayRecord), FedAvg, the generator's EMA
+                             and checkpoints need nothing family-specific
+    server/release.py        `release`: "sampler" (generator(z, labels) -> images: sample
+                             grids, synthetic images, DP evaluation) or "translator" (its own
+                             `save_grid` and `write_images`)
+    shared/config.py         `config_problem`: a one-line refusal of a config the family
+                             cannot train (checked before any round)
+    tests                    `private_networks`: what Opacus' validator must accept
+
+Adding a family: one module with `FAMILY`, one line in `FAMILIES`. Modules are imported
+when first asked for, so reading a config does not build any network.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
-from shared.config import RunConfig
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
 
-# Upsampling stages from the generator's first feature map to the image side.
-_LAYOUT = {28: (7, 2), 64: (4, 4)}  # image side -> (first map side, doublings)
+    from shared.config import RunConfig
 
-
-def _init_dcgan(module: nn.Module) -> None:
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-        nn.init.normal_(module.weight, 0.0, 0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
-        nn.init.normal_(module.weight, 1.0, 0.02)
-        nn.init.zeros_(module.bias)
+FAMILIES = {
+    "cgan": "shared.cgan",
+    "cyclegan": "shared.cyclegan",
+    "stylegan": "shared.stylegan",
+}
 
 
-class Generator(nn.Module):
-    def __init__(self, image_size: int, num_classes: int, latent_dim: int, width: int):
-        super().__init__()
-        side, doublings = _LAYOUT[image_size]
-        self.latent_dim, self.num_classes = latent_dim, num_classes
-        channels = [width * 2 ** (doublings - 1 - i) for i in range(doublings)] + [width]
-        self.embed = nn.Embedding(num_classes, latent_dim)
-        self.project = nn.Sequential(
-            nn.Linear(2 * latent_dim, channels[0] * side * side, bias=False),
-            nn.Unflatten(1, (channels[0], side, side)),
-            nn.BatchNorm2d(channels[0]),
-            nn.ReLU(inplace=True),
-        )
-        blocks: list[nn.Module] = []
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
-            blocks += [
-                nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True),
-            ]
-        blocks += [nn.Conv2d(channels[-1], 1, 3, padding=1), nn.Tanh()]
-        self.body = nn.Sequential(*blocks)
-        self.apply(_init_dcgan)
-
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """z: (N, latent_dim), labels: (N,) int64 -> images (N, 1, S, S) in [-1, 1]."""
-        return self.body(self.project(torch.cat([z, self.embed(labels)], dim=1)))
+def _no_problem(*_: Any) -> str | None:
+    return None
 
 
-class Discriminator(nn.Module):
-    def __init__(self, image_size: int, num_classes: int, width: int):
-        super().__init__()
-        _, doublings = _LAYOUT[image_size]
-        stages = doublings + 1  # 28 -> 14 -> 7 -> 4 ; 64 -> 32 -> 16 -> 8 -> 4
-        layers: list[nn.Module] = []
-        c_in = 1
-        for i in range(stages):
-            c_out = width * 2**i
-            layers.append(nn.Conv2d(c_in, c_out, 4 if i < stages - 1 else 3, 2, 1))
-            if i > 0:  # per-sample normalisation only: DP-SGD needs independent samples
-                layers.append(nn.GroupNorm(min(8, c_out // 4), c_out))
-            layers.append(nn.LeakyReLU(0.2))
-            c_in = c_out
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        with torch.no_grad():
-            dim = self.features(torch.zeros(1, 1, image_size, image_size)).shape[1]
-        self.linear = nn.Linear(dim, 1)
-        self.embed = nn.Embedding(num_classes, dim)
-        self.apply(_init_dcgan)
-        # The projection term <embed(y), h(x)> sums over `dim` features: with PyTorch's
-        # default N(0, 1) embedding it would start at logits of +-30 and saturate.
-        nn.init.normal_(self.embed.weight, 0.0, 0.02)
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """images: (N, 1, S, S) in [-1, 1], labels: (N,) int64 -> logits (N,)."""
-        h = self.features(images)
-        return self.linear(h).squeeze(1) + (self.embed(labels) * h).sum(dim=1)
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Callable[["RunConfig"], dict[str, "nn.Module"]]
+    # networks that read patient images and so are trained with per-sample DP
+    private_networks: tuple[str, ...] = ("discriminator",)
+    # True: the generator reads patient images, its update is a second DP mechanism
+    generator_mechanism: bool = False
+    release: str = "sampler"
+    # flat config -> why the family cannot train it (one line), or None
+    config_problem: Callable[[dict[str, Any]], str | None] = _no_problem
+    # a hospital's labels (N,) and the class names -> why its data cannot be used, or None
+    data_problem: Callable[["np.ndarray", tuple[str, ...]], str | None] = _no_problem
+    # (nets, data, cfg, plan, seed, accountant_history) -> (RoundStats, history); None:
+    # client/train.py's trainer for a generator from noise
+    train_round: Callable[..., Any] | None = None
+    # translator releases: (generator, cfg, path) and (generator, cfg, folder) -> dict
+    save_grid: Callable[..., None] | None = None
+    write_images: Callable[..., dict[str, Any]] | None = None
 
 
-def build(cfg: RunConfig) -> dict[str, nn.Module]:
+def family(model: "str | RunConfig") -> Family:
+    """The Family of a model name or of a config's `model`."""
+    name = model if isinstance(model, str) else model.model
+    if name not in FAMILIES:
+        raise KeyError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    return importlib.import_module(FAMILIES[name]).FAMILY
+
+
+def build(cfg: "RunConfig") -> dict[str, "nn.Module"]:
     """The named networks of the configured family, freshly initialised from cfg.seed."""
+    import torch
+
     torch.manual_seed(cfg.seed)
-    return {
-        "generator": Generator(cfg.image_size, cfg.num_classes, cfg.latent_dim, cfg.g_width),
-        "discriminator": Discriminator(cfg.image_size, cfg.num_classes, cfg.d_width),
-    }
+    return family(cfg).build(cfg)

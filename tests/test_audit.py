@@ -414,3 +414,40 @@ def test_a_dp_statistic_counts_against_the_budget_but_is_no_update(tmp_path):
     assert row["rounds"] == [1, 2] and row["steps"] == 2 * STEPS + 1
     assert row["rdp_epsilon"] == pytest.approx(row["claimed_epsilon"]) and \
         row["rdp_epsilon"] > trained
+
+
+def _cycle_ledger(state_dir: Path, hospital: str, with_generator: bool) -> Ledger:
+    """One CycleGAN round as client/app.py logs it: the discriminators' mechanism and, unless
+    a node skipped it, the generators', both naming the one update."""
+    ledger = Ledger(state_dir, hospital)
+    purposes = ["train-discriminator"] + (["train-generator"] if with_generator else [])
+    for purpose in purposes:
+        ledger.append(run_id=RUN, round=1, mechanism="subsampled-gaussian", purpose=purpose,
+                      noise_multiplier=SIGMA, sample_rate=Q, steps=STEPS, max_grad_norm=1.0,
+                      dataset_size=N, delta=DELTA, budget_epsilon=BUDGET,
+                      weights_sha256=digest(hospital, 1))
+    return ledger
+
+
+@pytest.mark.parametrize("with_generator", [True, False], ids=["charged", "not-charged"])
+def test_cyclegan_release_must_charge_the_generator_mechanism(tmp_path, with_generator):
+    ledgers = {"hospital-0": _cycle_ledger(tmp_path / "nodes" / "h0", "hospital-0", with_generator)}
+    release = write_release(tmp_path, ledgers)
+    meta = json.loads((release / "release.json").read_text())
+    meta["config"] = {"model": "cyclegan"}
+    (release / "release.json").write_text(json.dumps(meta))
+    from shared.audit import audit_release
+
+    report = audit_release(release)
+    failures = [str(f) for f in report.all_failures]
+    if with_generator:
+        assert report.ok, failures
+        both = RDPAccountant()
+        both.history = [(SIGMA, Q, STEPS), (SIGMA, Q, STEPS)]
+        assert report.hospitals[0].rdp_epsilon == pytest.approx(both.get_epsilon(DELTA), rel=1e-9)
+    else:
+        assert any("no 'train-generator' entry" in f for f in failures), failures
+    # the same ledgers in a cGAN release need only the discriminator's entry
+    meta["config"] = {"model": "cgan"}
+    (release / "release.json").write_text(json.dumps(meta))
+    assert audit_release(release).ok

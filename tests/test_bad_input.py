@@ -32,6 +32,11 @@ def _case_files(tmp_path: Path) -> dict[str, Path]:
         np.savez(files["bad-label"], train_images=npz["train_images"][:400], train_labels=labels)
     files["unknown-key"].write_text(SMOKE.read_text() + "num-round = 3\n")
     files["nested"].write_text("[privacy]\ntarget-epsilon = 1.0\n")
+    files["one-domain"] = tmp_path / "normal-only.npz"
+    with np.load(DATA) as npz:
+        normal = npz["train_labels"].reshape(-1) == 0
+        np.savez(files["one-domain"], train_images=npz["train_images"][normal][:400],
+                 train_labels=npz["train_labels"][normal][:400])
     return files
 
 
@@ -69,6 +74,18 @@ IN_PROCESS = [
      ["{not-npz}", "not a readable .npz file"]),
     ("label outside class-names", [str(SMOKE), "--set", "data-path='{bad-label}'"],
      ["{bad-label}", "label 2 outside class-names"]),
+    ("unknown model family", [str(SMOKE), "--set", "model='stylegan2'"],
+     [str(SMOKE), "model = 'stylegan2': must be one of: cgan, cyclegan, stylegan"]),
+    ("stylegan at a size that is not a power of two",
+     [str(SMOKE), "--set", "model='stylegan'", "--set", "image-size=28"],
+     [str(SMOKE), "model = 'stylegan' needs image-size a power of two", "got 28"]),
+    ("cyclegan where a hospital has one domain only",
+     [str(SMOKE), "--set", "model='cyclegan'", "--set", "data-path='{one-domain}'"],
+     ["{one-domain}", "hospital-0: cyclegan needs images of both domains",
+      "none of domain 'pneumonia'"]),
+    ("cyclegan with three classes",
+     [str(SMOKE), "--set", "model='cyclegan'", "--set", "class-names='a,b,c'"],
+     ["class-names needs exactly 2 names"]),
     ("dirichlet that cannot fill the hospitals",
      [str(SMOKE), "--set", "partition='dirichlet'", "--set", "dirichlet-alpha=0.001",
       "--set", "num-hospitals=40", "--set", "batch-size=8"],

@@ -25,6 +25,7 @@ from shared import models, weights
 NODE = {"partition-id": 0, "num-partitions": 2}
 
 TRAINED_METRICS = {"num-examples", "d-loss-fake", "g-loss", "epsilon", "steps", "g-steps",
+                   "g-private-steps",
                    "delta", "budget-epsilon", "noise-multiplier", "sample-rate"}
 REFUSED_METRICS = {"epsilon", "epsilon-next", "delta", "budget-epsilon", "noise-multiplier",
                    "sample-rate"}
@@ -111,9 +112,11 @@ def test_trained_reply_carries_only_weights_scalars_and_the_signed_entry(tmp_pat
     assert set(metrics) == TRAINED_METRICS
     assert set(seen["status"].keys()) == STATUS_FIELDS
     assert dict(seen["status"]) == {"status": "ok", "hospital-id": "hospital-0"}
-    assert set(seen["ledger"].keys()) == {"entry", "chain", "public-key"}
+    assert set(seen["ledger"].keys()) == {"entry", "entries", "chain", "public-key"}
 
     entry = json.loads(seen["ledger"]["entry"])
+    # one DP mechanism this round (the cGAN's generator is post-processing): one entry
+    assert json.loads(seen["ledger"]["entries"]) == [entry]
     # the node's whole ledger goes along (its first round: just this entry), so an auditor
     # recomputes epsilon from the node's first spend; it holds ledger entries only
     assert json.loads(seen["ledger"]["chain"]) == [entry]

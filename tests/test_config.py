@@ -48,7 +48,7 @@ def test_every_shipped_config_validates(path):
         ({"num-rounds": True}, "num-rounds", "expected int"),
         ({"augment-flip": 1}, "augment-flip", "expected bool"),
         ({"target-delta": 1.0}, "target-delta", "must be in (0, 1)"),
-        ({"image-size": 32}, "image-size", "must be 28 or 64"),
+        ({"image-size": 48}, "image-size", "must be 28, 32 or 64"),
         ({"partition": "random"}, "partition", "must be iid or dirichlet"),
         ({"class-names": "a,a"}, "class-names", "distinct names"),
         ({"min-hospitals": 4, "num-hospitals": 3}, "min-hospitals", "exceeds num-hospitals"),

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client import ghost_clipping
 from client import train as dp_train
 from client.data import HospitalData
-from shared.models import Discriminator, Generator
+from shared.cgan import Discriminator, Generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

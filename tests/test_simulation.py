@@ -217,3 +217,86 @@ def test_fedsynth_run_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch)
     for name in ("global.npz", "ema.npz"):
         assert_same_arrays(_arrays(whole / "checkpoints" / "round-0002" / name),
                            _arrays(parts / "checkpoints" / "round-0002" / name), name)
+
+
+# --------------------------------------------------------------------------- other families
+
+def _audit_passes(release_dir: Path) -> None:
+    from shared.audit import audit_release
+
+    report = audit_release(release_dir)
+    assert report.ok, [str(f) for f in report.all_failures]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fedsynth_run_stylegan_trains_a_round_and_releases(tmp_path):
+    out = tmp_path / "run"
+    proc = fedsynth_run(str(SMOKE), "--set", f"output-dir={out}", "--set", "model='stylegan'",
+                        "--set", "image-size=32", "--set", "num-rounds=1",
+                        "--set", "local-d-steps=2")
+    assert proc.returncode == 0, _explain(proc, out)
+    assert "round 1/1: 2 hospitals" in proc.stdout
+    rel = out / "release"
+    summary = json.loads((rel / "release.json").read_text())
+    assert summary["model"] == "stylegan" and summary["hospitals"] == HOSPITALS
+    cfg = smoke_config(out, model="stylegan", image_size=32, num_rounds=1, local_d_steps=2)
+    for p in summary["privacy"]["per_hospital"].values():
+        assert cfg.target_epsilon - 0.01 <= p["epsilon"] <= cfg.target_epsilon
+    with np.load(rel / "synthetic.npz") as npz:
+        images, labels = npz["train_images"], npz["train_labels"].reshape(-1)
+    assert images.shape == (2 * cfg.samples_per_class, 32, 32)
+    # the release regenerates from its EMA generator (eval mode: fixed noise inputs)
+    generator = models.build(cfg)["generator"]
+    generator.load_state_dict(torch.load(rel / "generator-ema.pt"), strict=False)
+    again = release.generate(generator.eval(), labels, cfg.latent_dim,
+                             summary["seeds"]["release_samples"])
+    assert np.array_equal(again, images)
+    _audit_passes(rel)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fedsynth_run_cyclegan_trains_a_round_releases_translators_and_audits(tmp_path):
+    out = tmp_path / "run"
+    proc = fedsynth_run(str(SMOKE), "--set", f"output-dir={out}", "--set", "model='cyclegan'",
+                        "--set", "num-rounds=1", "--set", "local-d-steps=2",
+                        "--set", "d-steps-per-g-step=1")
+    assert proc.returncode == 0, _explain(proc, out)
+    rel = out / "release"
+    summary = json.loads((rel / "release.json").read_text())
+    assert summary["model"] == "cyclegan"
+    info = summary["images"]
+    assert info["kind"] == "translator" and info["domains"] == {"a": "normal", "b": "pneumonia"}
+    for name in (*info["translators"].values(), "grid.png", "examples.npz", "generator-ema.pt"):
+        assert (rel / name).is_file(), name
+    with np.load(rel / "examples.npz") as npz:
+        assert set(npz.files) == {f"{d}-{what}" for d in ("normal", "pneumonia")
+                                  for what in ("input", "translated", "reconstructed")}
+        assert npz["normal-input"].shape == npz["normal-translated"].shape == (8, 28, 28)
+    # both mechanisms in every hospital's ledger, each naming the update the server recorded
+    updates = json.loads((rel / "updates.json").read_text())
+    for hospital in HOSPITALS:
+        entries = read_entries(rel / "ledger" / f"{hospital}.jsonl")
+        assert [(e["purpose"], e["steps"]) for e in entries] == \
+            [("train-discriminator", 2), ("train-generator", 2)]
+        assert {e["weights_sha256"] for e in entries} == {updates[0]["received"][hospital]}
+        assert summary["privacy"]["per_hospital"][hospital]["steps"] == 4
+        assert 9.99 <= entries[-1]["epsilon"] <= 10.0
+    _audit_passes(rel)
+
+    # fedsynth translate: PNG in, PNG out, at the release's size
+    from typer.testing import CliRunner
+
+    from shared.cli import app
+
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    with np.load(REPO / "data" / "pneumoniamnist.npz") as npz:
+        for i, image in enumerate(npz["test_images"][:3]):
+            Image.fromarray(image).resize((40, 40)).save(pngs / f"scan-{i}.png")
+    result = CliRunner().invoke(app, ["translate", str(rel), str(pngs), str(tmp_path / "out"),
+                                      "--to", "pneumonia"])
+    assert result.exit_code == 0, result.output
+    written = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in written] == ["scan-0.png", "scan-1.png", "scan-2.png"]
+    with Image.open(written[0]) as im:
+        assert im.mode == "L" and im.size == (28, 28)
