@@ -332,3 +332,26 @@ def test_a_fresh_cyclegan_translator_is_the_identity():
     for direction in cyclegan.DIRECTIONS:
         torch.testing.assert_close(cyclegan.translate(generators, x, direction), x,
                                    rtol=0, atol=1e-5)
+
+
+def test_cyclegan_node_refuses_a_round_its_budget_covers_only_without_the_generator(tmp_path):
+    # a budget between the discriminators' epsilon alone and both mechanisms': the node
+    # must count the generators' steps before training, and so refuse
+    from client.ledger import rdp_epsilon
+
+    overrides = {"model": "cyclegan", "num_rounds": 1}
+    cfg = smoke_config(tmp_path, **overrides)
+    n, delta = 2354, 1e-5
+    sigma, q = calibrate_noise(cfg, n, cfg.target_epsilon, delta), sample_rate(cfg, n)
+    d_only = rdp_epsilon([(sigma, q, cfg.local_d_steps)], delta)
+    both = rdp_epsilon([(sigma, q, cfg.local_d_steps), (sigma, q, generator_private_steps(cfg))],
+                       delta)
+    budget = (d_only + both) / 2
+    values = smoke_values(tmp_path, **overrides, sim_hospital_epsilon=budget)
+    from flwr.app import ConfigRecord, RecordDict
+    sent = RecordDict({"weights": weights.pack(models.build(cfg)),
+                       "config": ConfigRecord({"run-id": "t", "round": 1})})
+    reply = client_app.train_reply(sent, values, NODE)
+    assert reply["status"]["status"] == "budget-exhausted"
+    assert reply["metrics"]["epsilon-next"] == pytest.approx(both, rel=1e-9)
+    assert "weights" not in reply
