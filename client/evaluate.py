@@ -141,7 +141,14 @@ def releases(names: list[str], content, data: HospitalData, cfg: RunConfig,
             synthetic = protocol.features_from_record(needed("released-features"), width, min_rows=1,
                                                       what="released-features")
             edges = protocol.distance_bins_from_record(needed("distance-bins"))
-            out.append(release_memorization(real_features(training, cfg), features, synthetic, edges,
+            # The measured training images are a uniformly random subset of at most
+            # MEMORIZATION_MAX_TRAIN (dp_memorization_histograms' privacy argument); drawing
+            # it before the Inception pass, not after, spares features never measured.
+            subset = torch.randperm(len(training.images), generator=generator)
+            subset = subset[:protocol.MEMORIZATION_MAX_TRAIN]
+            train_features = extract_features(feature_network(cfg.eval_features),
+                                              training.images[subset]).double()
+            out.append(release_memorization(train_features, features, synthetic, edges,
                                             epsilon=epsilons[name], delta=delta, generator=generator))
         elif name == "classifier":
             classifier = protocol.load_classifier(needed("classifier"), SmallCNN(cfg.num_classes))
