@@ -38,7 +38,7 @@ from server import checkpoint, evaluation, release, replies, round_metrics
 from server.checkpoint import ServerState
 from server.strategy import FedAvg, ema
 from shared import models, weights
-from shared.config import ConfigError, RunConfig
+from shared.config import ConfigError, RunConfig, defaults
 
 # Config knobs that may differ between a run and its resumption.
 RESUMABLE = {"resume", "stop-after-round"}
@@ -69,7 +69,8 @@ def start_state(cfg: RunConfig) -> tuple[ServerState, dict[str, np.ndarray],
             raise ConfigError(f"resume = true but {out} has no checkpoint to resume from")
         state, global_w, ema_w = checkpoint.load(newest)
         ours = {k: v for k, v in cfg.to_flat().items() if k not in RESUMABLE}
-        theirs = {k: v for k, v in state.config.items() if k not in RESUMABLE}
+        # a knob added since the checkpoint was written ran at its default
+        theirs = {k: v for k, v in {**defaults(), **state.config}.items() if k not in RESUMABLE}
         changed = sorted(k for k in ours if ours[k] != theirs.get(k))
         if changed:
             raise ConfigError(f"{newest}: cannot resume with a different config "

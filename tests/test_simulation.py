@@ -300,3 +300,19 @@ def test_fedsynth_run_cyclegan_trains_a_round_releases_translators_and_audits(tm
     assert [p.name for p in written] == ["scan-0.png", "scan-1.png", "scan-2.png"]
     with Image.open(written[0]) as im:
         assert im.mode == "L" and im.size == (28, 28)
+
+
+def test_a_checkpoint_from_before_a_knob_existed_resumes_at_its_default(tmp_path, monkeypatch):
+    """A run checkpointed by an older fedsynth (without a knob added since) ran at that knob's
+    default: resuming it with the default is the same run; with another value it is not."""
+    import json as _json
+
+    out = tmp_path / "run"
+    run_in_process(out, uuid.uuid4().hex, monkeypatch, stop_after_round=1)
+    state_file = out / "checkpoints" / "round-0001" / "state.json"
+    state = _json.loads(state_file.read_text())
+    del state["config"]["loss"]                       # as written before the knob existed
+    state_file.write_text(_json.dumps(state))
+    federation.start_state(smoke_config(out, resume=True))
+    with pytest.raises(ConfigError, match=r"\(loss changed\)"):
+        federation.start_state(smoke_config(out, resume=True, loss="hinge"))
