@@ -98,12 +98,18 @@ def non_dp(cfg, data, fakes, B) -> Callable[[], None]:
     return step
 
 
-def fedsynth(cfg, data, fakes, B, mode: str) -> Callable[[], None]:
-    """The loop body of client.train.train_round, with its own functions."""
+def _private_setup(cfg, data):
+    """Discriminator + Adam, augmentation, its generator, the loader both DP variants wrap."""
     d, opt = _discriminator(cfg)
     augment, rng = _augment(cfg), torch.Generator().manual_seed(1)
     loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=cfg.batch_size,
                         generator=rng)
+    return d, opt, augment, rng, loader
+
+
+def fedsynth(cfg, data, fakes, B, mode: str) -> Callable[[], None]:
+    """The loop body of client.train.train_round, with its own functions."""
+    d, opt, augment, rng, loader = _private_setup(cfg, data)
     plan = _plan(cfg, len(data))
     private_d, opt_d, real_loss, loader = train.make_private(
         PrivacyEngine(accountant="rdp"), d, opt, loader, plan,
@@ -124,10 +130,7 @@ def fedsynth(cfg, data, fakes, B, mode: str) -> Callable[[], None]:
 
 def opacus_stock(cfg, data, fakes, B, mode: str) -> Callable[[], None]:
     """Real and generated images in one batch, every sample clipped by Opacus."""
-    d, opt = _discriminator(cfg)
-    augment, rng = _augment(cfg), torch.Generator().manual_seed(1)
-    loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=cfg.batch_size,
-                        generator=rng)
+    d, opt, augment, rng, loader = _private_setup(cfg, data)
     kwargs = dict(module=d, optimizer=opt, data_loader=loader,
                   noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=cfg.max_grad_norm,
                   poisson_sampling=True, loss_reduction="sum",
