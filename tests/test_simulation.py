@@ -228,16 +228,22 @@ def _audit_passes(release_dir: Path) -> None:
     assert report.ok, [str(f) for f in report.all_failures]
 
 
+def _one_round(tmp_path, *settings: str):
+    """`fedsynth run` of the smoke config for one round with `settings` (key=value):
+    (output dir, process, release dir, release.json)."""
+    out = tmp_path / "run"
+    sets = [a for kv in (f"output-dir={out}", "num-rounds=1", *settings) for a in ("--set", kv)]
+    proc = fedsynth_run(str(SMOKE), *sets)
+    assert proc.returncode == 0, _explain(proc, out)
+    rel = out / "release"
+    return out, proc, rel, json.loads((rel / "release.json").read_text())
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_fedsynth_run_stylegan_trains_a_round_and_releases(tmp_path):
-    out = tmp_path / "run"
-    proc = fedsynth_run(str(SMOKE), "--set", f"output-dir={out}", "--set", "model='stylegan'",
-                        "--set", "image-size=32", "--set", "num-rounds=1",
-                        "--set", "local-d-steps=2")
-    assert proc.returncode == 0, _explain(proc, out)
+    out, proc, rel, summary = _one_round(tmp_path, "model='stylegan'", "image-size=32",
+                                         "local-d-steps=2")
     assert "round 1/1: 2 hospitals" in proc.stdout
-    rel = out / "release"
-    summary = json.loads((rel / "release.json").read_text())
     assert summary["model"] == "stylegan" and summary["hospitals"] == HOSPITALS
     cfg = smoke_config(out, model="stylegan", image_size=32, num_rounds=1, local_d_steps=2)
     for p in summary["privacy"]["per_hospital"].values():
@@ -256,13 +262,8 @@ def test_fedsynth_run_stylegan_trains_a_round_and_releases(tmp_path):
 
 @pytest.mark.usefixtures("one_thread")
 def test_fedsynth_run_cyclegan_trains_a_round_releases_translators_and_audits(tmp_path):
-    out = tmp_path / "run"
-    proc = fedsynth_run(str(SMOKE), "--set", f"output-dir={out}", "--set", "model='cyclegan'",
-                        "--set", "num-rounds=1", "--set", "local-d-steps=2",
-                        "--set", "d-steps-per-g-step=1")
-    assert proc.returncode == 0, _explain(proc, out)
-    rel = out / "release"
-    summary = json.loads((rel / "release.json").read_text())
+    out, proc, rel, summary = _one_round(tmp_path, "model='cyclegan'", "local-d-steps=2",
+                                         "d-steps-per-g-step=1")
     assert summary["model"] == "cyclegan"
     info = summary["images"]
     assert info["kind"] == "translator" and info["domains"] == {"a": "normal", "b": "pneumonia"}
