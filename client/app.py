@@ -26,6 +26,11 @@ same way: budget check for all the releases it asks for, DP statistics of the he
 images (and, for the memorization check, of the training images; client/evaluate.py),
 one signed ledger entry per release, then the noised statistics and the entries --
 never a feature, an image or an exact count.
+
+A "train.utility" message (`utility_reply`: the utility table's real-data classifiers,
+shared/utility.py) is a DP-SGD round of three small classifiers on the hospital's images:
+budget check for the rest of that phase, one signed ledger entry per classifier, then
+their weights -- the same contract as GAN training.
 """
 
 from __future__ import annotations
@@ -41,13 +46,15 @@ from flwr.clientapp import ClientApp
 
 from client import evaluate as evaluation
 from client import ledger as ledger_mod
-from client import threads
+from client import threads, utility
 from client.data import DataError, HospitalData, data_stamp, load_hospital
 from client.node import Hospital
 from client.train import (PURPOSE_DISCRIMINATOR, DPPlan, calibrate_noise,
                           generator_private_steps, sample_rate, train_family_round)
 from shared import evaluation as protocol
 from shared import models, weights
+from shared import utility as utility_protocol
+from shared.classifier import SmallCNN
 from shared.config import RunConfig
 from shared.dp_stats import calibrate_noise_multiplier
 
@@ -221,7 +228,7 @@ def evaluate_reply(content: RecordDict, run_config: dict, node_config: dict,
     # delta as every training entry, so the ledger's epsilon stays one composition.
     n = len(hospital_data(hospital, cfg))
     delta = privacy_delta(hospital, n)
-    epsilons = protocol.release_epsilons(names, cfg.eval_epsilon, delta)
+    epsilons = protocol.release_epsilons(names, cfg.eval_epsilon, delta, cfg.utility_epsilon)
     planned = {name: calibrate_noise_multiplier(epsilons[name], delta) for name in names}
     ledger = ledger_mod.Ledger(hospital.state_dir, hospital.hospital_id)
     spent_before = ledger.epsilon(delta)
@@ -281,6 +288,101 @@ def evaluate_reply(content: RecordDict, run_config: dict, node_config: dict,
         "public-key": ledger_mod.public_key_pem(ledger.public_key),
     })
     return reply
+
+
+def utility_reply(content: RecordDict, run_config: dict, node_config: dict,
+                  node_id: int = 0) -> RecordDict:
+    """The "train.utility" handler (shared/utility.py) without Flower's runtime around it.
+
+    receive the global utility classifiers (one per variant) and the public synthetic images
+    plan: per variant, DP-SGD at its sample rate, sigma for utility-epsilon (client/utility.py)
+    budget check: the rest of the phase (this and the remaining utility rounds, and the
+        classifiers' DP scores after them) beyond the hospital's own epsilon? -> refuse,
+        before spending anything it could not finish
+    train each variant, append a signed ledger entry per variant and fsync <- spend counted
+    reply: the classifiers' weights, the declared n, privacy figures, the signed entries
+    """
+    cfg = RunConfig.from_flat(run_config)
+    hospital = Hospital.from_node_config(node_config, cfg, node_id)
+    instruction = content["config"]
+    run_id, rnd = str(instruction["run-id"]), int(instruction["round"])
+    utility_round = int(instruction["utility-round"])
+    if not cfg.utility_epsilon > 0 or not 1 <= utility_round <= cfg.utility_rounds:
+        raise protocol.ProtocolError(f"utility round {utility_round} is not in this run's plan "
+                                     f"(utility-epsilon {cfg.utility_epsilon:g}, "
+                                     f"utility-rounds {cfg.utility_rounds})")
+
+    data = hospital_data(hospital, cfg)
+    n = len(data)
+    delta = privacy_delta(hospital, n)
+    synthetic_images, synthetic_labels = utility_protocol.synthetic_from_record(
+        content["synthetic"], cfg.image_size, cfg.num_classes)
+    records = {"real": n, "real-augmented": n, "real-synthetic": n + len(synthetic_images)}
+    plans = {v: utility.plan_variant(cfg, records[v], delta) for v in utility_protocol.VARIANTS}
+    ledger = ledger_mod.Ledger(hospital.state_dir, hospital.hospital_id)
+    spent_before = ledger.epsilon(delta)
+    remaining = cfg.utility_rounds - utility_round + 1
+    counts = protocol.release_epsilons(list(protocol.UTILITY_RELEASES), cfg.eval_epsilon, delta,
+                                       cfg.utility_epsilon)
+    planned = ([h for p in plans.values() for h in p.history()] * remaining
+               + [(calibrate_noise_multiplier(e, delta), 1.0, 1) for e in counts.values()])
+    eps_after = ledger.epsilon_after(planned, delta)
+    common = {"delta": delta, "budget-epsilon": hospital.epsilon_budget,
+              "utility-epsilon": cfg.utility_epsilon}
+    if eps_after > hospital.epsilon_budget:
+        log.warning("%s: the utility classifiers would reach epsilon %.3f > budget %.3f; "
+                    "not training them", hospital.hospital_id, eps_after, hospital.epsilon_budget)
+        return RecordDict({
+            "status": ConfigRecord({"status": STATUS_BUDGET, "hospital-id": hospital.hospital_id}),
+            "metrics": MetricRecord({"epsilon": spent_before, "epsilon-next": eps_after, **common}),
+        })
+
+    # Seeded by the node's secret and the whole request (as in train_reply).
+    request = [f"{key}:{weights.record_digest(content[key])}" for key in sorted(content.array_records)]
+    seed = ledger_mod.node_seed(hospital.state_dir, run_id, "utility", rnd, utility_round,
+                                cfg.seed, *request)
+    reply, entries = RecordDict(), []
+    for i, (variant, plan) in enumerate(plans.items()):
+        key = utility_protocol.classifier_key(variant)
+        model = protocol.load_classifier(content[key], SmallCNN(cfg.num_classes))
+        images, labels = data.images, data.labels.reshape(-1)
+        if variant == "real-synthetic":
+            images = torch.cat([images, synthetic_images])
+            labels = torch.cat([labels, synthetic_labels])
+        history = utility.train_variant(model, images, labels, augment=variant == "real-augmented",
+                                        plan=plan, cfg=cfg, seed=seed + 10 * i)
+        if history != plan.history():
+            raise RuntimeError(f"{variant}: accountant's history {history} is not the plan's "
+                               f"{plan.history()}")
+        record = protocol.classifier_record(model)
+        entries.append(ledger.append(
+            run_id=run_id, round=rnd, mechanism="subsampled-gaussian",
+            purpose=utility_protocol.train_purpose(variant),
+            noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+            steps=plan.steps, max_grad_norm=plan.max_grad_norm, dataset_size=n, delta=delta,
+            budget_epsilon=hospital.epsilon_budget,
+            weights_sha256=weights.digest(protocol.record_arrays(record)),
+        ))
+        reply[key] = record
+    log.info("%s: utility round %d trained, epsilon %.3f of %.3f", hospital.hospital_id,
+             utility_round, entries[-1]["epsilon"], hospital.epsilon_budget)
+    reply["metrics"] = MetricRecord({"num-examples": n, "epsilon": entries[-1]["epsilon"],
+                                     "epsilon-before": spent_before, **common})
+    reply["status"] = ConfigRecord({"status": STATUS_OK, "hospital-id": hospital.hospital_id})
+    reply["ledger"] = ConfigRecord({
+        "entries": json.dumps(entries, sort_keys=True),
+        "chain": json.dumps(ledger.entries, sort_keys=True),
+        "public-key": ledger_mod.public_key_pem(ledger.public_key),
+    })
+    return reply
+
+
+@app.train("utility")
+def train_utility(msg: Message, context: Context) -> Message:
+    threads.apply(dict(context.node_config))
+    content = utility_reply(msg.content, dict(context.run_config), dict(context.node_config),
+                            context.node_id)
+    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()

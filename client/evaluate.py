@@ -9,6 +9,8 @@
                      synthetic k-NN manifold (sensitivity 1)
         classifier   confusion matrix and score histograms of the server's classifier,
                      trained on synthetic images only, on the real labelled images
+        utility-*    the same for the utility table's real-data classifiers, which the
+                     hospitals trained with DP-SGD (shared/utility.py)
         memorization histograms of the distance from each TRAINING image (a random
                      subset of at most MEMORIZATION_MAX_TRAIN) and each held-out image to
                      its nearest public synthetic image, over public bins (sensitivity
@@ -32,6 +34,7 @@ import torch
 from client.data import DataError, HospitalData, load_hospital
 from client.node import Hospital
 from shared import evaluation as protocol
+from shared import utility as utility_protocol
 from shared.classifier import SmallCNN, predict_proba
 from shared.config import RunConfig
 from shared.dp_stats import (
@@ -94,11 +97,11 @@ def release_recall(features: torch.Tensor, synthetic: torch.Tensor, *, epsilon: 
 
 
 def release_classifier(data: HospitalData, classifier: SmallCNN, *, epsilon: float, delta: float,
-                       generator: torch.Generator) -> Release:
+                       generator: torch.Generator, name: str = "classifier") -> Release:
     counts, mechanism = dp_classification_counts(
         predict_proba(classifier, data.images), data.labels, epsilon=epsilon, delta=delta,
         num_bins=protocol.SCORE_BINS, generator=generator)
-    return Release("classifier", protocol.classification_arrays(counts), mechanism)
+    return Release(name, protocol.classification_arrays(counts), mechanism)
 
 
 def release_memorization(training: torch.Tensor, held_out: torch.Tensor, synthetic: torch.Tensor,
@@ -150,8 +153,10 @@ def releases(names: list[str], content, data: HospitalData, cfg: RunConfig,
                                               training.images[subset]).double()
             out.append(release_memorization(train_features, features, synthetic, edges,
                                             epsilon=epsilons[name], delta=delta, generator=generator))
-        elif name == "classifier":
-            classifier = protocol.load_classifier(needed("classifier"), SmallCNN(cfg.num_classes))
+        elif name == "classifier" or name in protocol.UTILITY_RELEASES:
+            key = ("classifier" if name == "classifier"
+                   else utility_protocol.classifier_key(utility_protocol.variant_of(name)))
+            classifier = protocol.load_classifier(needed(key), SmallCNN(cfg.num_classes))
             out.append(release_classifier(data, classifier, epsilon=epsilons[name], delta=delta,
-                                          generator=generator))
+                                          generator=generator, name=name))
     return out

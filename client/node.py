@@ -40,7 +40,7 @@ In simulation there is no node config beyond Flower's `partition-id` and
 `num-partitions`, so the simulated hospitals take their data from the run config's
 `data-path` partition, their state from `<output-dir>/hospitals/hospital-<id>`, and
 their budget from `sim-hospital-epsilon` (or `target-epsilon`, plus `eval-epsilon` for each
-evaluation the run plans: `simulated_budget`).
+evaluation the run plans and utility-epsilon per utility classifier: `simulated_budget`).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from pydicom.datadict import tag_for_keyword
 from client.deidentify import IDENTIFYING_KEYWORDS
 from client.sources import FORMATS, LABEL_FROM, SourceSettings
 from shared.config import ConfigError, RunConfig
+from shared.utility import VARIANTS as UTILITY_VARIANTS
 
 NODE_KEYS = (
     "hospital-id", "data-path", "state-dir", "epsilon", "delta", "eval-data-path",
@@ -121,10 +122,12 @@ class Hospital:
 def simulated_budget(cfg: RunConfig) -> float:
     """A simulated hospital's epsilon when sim-hospital-epsilon is 0: the training target,
     plus eval-epsilon for every planned evaluation (the release's, and one every eval-every
-    rounds): training is calibrated to reach target-epsilon, so without that headroom every
-    hospital would refuse to evaluate. RDP composes them to less than their sum; each
-    node's ledger checks the exact figure."""
-    return cfg.target_epsilon + cfg.eval_epsilon * cfg.planned_evaluations
+    rounds), plus utility-epsilon for each of the utility table's three real-data
+    classifiers (shared/utility.py): training is calibrated to reach target-epsilon, so
+    without that headroom every hospital would refuse to evaluate. RDP composes them to less
+    than their sum; each node's ledger checks the exact figure."""
+    return (cfg.target_epsilon + cfg.eval_epsilon * cfg.planned_evaluations
+            + cfg.utility_epsilon * len(UTILITY_VARIANTS))
 
 
 def source_settings(node_config: dict[str, Any], data_path: Path) -> SourceSettings:

@@ -49,7 +49,8 @@ synthetic images. What is not released, and why:
   a class moves by up to 2/k with one image, so its noise is about 2z/k: +-0.26 for z = 12.8
   (a 10 % share of eval-epsilon 1) and k = 100; not worth the budget, not requested.
 * the real-data rows of the utility table (real only, real + augmentation, real +
-  synthetic): a classifier trained on real images would need its own DP-SGD federation.
+  synthetic) without utility-epsilon: a classifier trained on real images needs its own
+  DP-SGD federation (server/utility.py), which costs each hospital utility-epsilon per row.
 
 Budget: training is calibrated to reach target-epsilon, so a hospital can afford an
 evaluation only with headroom: its epsilon must cover target-epsilon and eval-epsilon for
@@ -113,6 +114,7 @@ class Pooled:
     fid: dict[int, FeatureStats] = field(default_factory=dict)
     recall: list[torch.Tensor] = field(default_factory=list)
     classification: Any = None
+    utility: dict[str, Any] = field(default_factory=dict)   # utility release -> counts
     memorization: dict[str, torch.Tensor] = field(default_factory=dict)   # train, holdout
     memorization_noise_var: dict[str, float] = field(default_factory=dict)  # per cell, pooled
     hospitals: list[str] = field(default_factory=list)
@@ -269,6 +271,10 @@ def pool(replies: Iterable[Message], cfg: RunConfig, names: list[str], synthetic
         if "classifier" in released:
             counts = released["classifier"]
             pooled.classification = counts if pooled.classification is None else pooled.classification.merge(counts)
+        for name in protocol.UTILITY_RELEASES:
+            if name in released:
+                counts, total = released[name], pooled.utility.get(name)
+                pooled.utility[name] = counts if total is None else total.merge(counts)
     pooled.refused.sort()
     return pooled
 
@@ -350,31 +356,47 @@ def scores(cfg: RunConfig, synthetic: Synthetic, pooled: Pooled, names: list[str
     return out
 
 
-UTILITY_NOT_RELEASED = (
-    "needs a classifier trained on the hospitals' real images; that classifier, and its scores "
-    "on held-out images, depend on the training images (one image can change every "
-    "prediction), so they may leave a hospital only through DP: DP-SGD training at each "
-    "hospital (or a DP-SGD federation) and then DP counts, a training epsilon per variant on "
-    "top of the GAN's. fedsynth does not run that training, so these rows are not released")
+UTILITY_NOT_RUN = (
+    "needs a classifier trained on the hospitals' real images, which may leave a hospital only "
+    "through DP (DP-SGD at the hospitals, then DP counts: shared/utility.py), at a cost of "
+    "utility-epsilon per row on top of the GAN's; this run has utility-epsilon = 0")
+TRAINING_SETS = ("real only", "real + traditional augmentation", "synthetic only", "real + synthetic")
 
 
-def utility_table(train_on_synthetic: dict[str, Any] | None) -> dict[str, Any]:
+def utility_table(train_on_synthetic: dict[str, Any] | None,
+                  real: dict[str, Any] | None = None) -> dict[str, Any]:
     """The downstream-utility table the seed paper asks for (a small CNN, tested on the
-    hospitals' held-out real images): only the train-on-synthetic row can be released."""
+    hospitals' held-out real images). Synthetic only: trained on the public synthetic images
+    without noise. The real-data rows: trained with DP-SGD at the hospitals (``real``, from
+    server/utility.py), each at its own epsilon, shown in the row."""
     rows = []
-    for training_set in ("real only", "real + traditional augmentation", "synthetic only",
-                         "real + synthetic"):
-        if training_set == "synthetic only" and train_on_synthetic is not None:
+    for training_set in TRAINING_SETS:
+        if training_set == "synthetic only":
+            if train_on_synthetic is None:
+                rows.append({"training_set": training_set, "released": False,
+                             "reason": "the classifier evaluation was not run"})
+                continue
             rows.append({"training_set": training_set, "released": True,
                          "accuracy": train_on_synthetic["accuracy"], "auc": train_on_synthetic["auc"],
                          "real_test_count": train_on_synthetic["real_count"],
-                         "synthetic_train_count": train_on_synthetic["synthetic_train_count"]})
+                         "synthetic_train_count": train_on_synthetic["synthetic_train_count"],
+                         "training": "the synthetic images, no noise (public); the GAN's epsilon "
+                                     "covers them"})
+        elif real is None:
+            rows.append({"training_set": training_set, "released": False, "reason": UTILITY_NOT_RUN})
+        elif training_set in real["rows"]:
+            rows.append({"training_set": training_set, "released": True, **real["rows"][training_set],
+                         "training": "DP-SGD at the hospitals on their training images, federated "
+                                     "(shared/utility.py)"})
         else:
             rows.append({"training_set": training_set, "released": False,
-                         "reason": UTILITY_NOT_RELEASED if training_set != "synthetic only"
-                         else "the classifier evaluation was not run"})
-    return {"rows": rows, "test_set": "the hospitals' held-out real images (DP confusion and score "
-                                      "histograms, pooled)", "model": "shared/classifier.py SmallCNN"}
+                         "reason": "no hospital completed its DP-SGD training and scores (budget or "
+                                   "failures: see utility_training)"})
+    table = {"rows": rows, "test_set": "the hospitals' held-out real images (DP confusion and score "
+                                       "histograms, pooled)", "model": "shared/classifier.py SmallCNN"}
+    if real is not None:
+        table["utility_training"] = {k: v for k, v in real.items() if k != "rows"}
+    return table
 
 
 def memorization_scores(edges: torch.Tensor, pooled: Pooled, synthetic_count: int, seed: int,
@@ -431,12 +453,14 @@ def memorization_scores(edges: torch.Tensor, pooled: Pooled, synthetic_count: in
 
 
 def evaluate_release(grid: Grid, cfg: RunConfig, state: ServerState, ema_weights: dict[str, np.ndarray],
-                     nodes: Iterable[int], names: Iterable[str] = EVALUATIONS) -> dict[str, Any]:
+                     nodes: Iterable[int], names: Iterable[str] = EVALUATIONS,
+                     synthetic: Synthetic | None = None) -> dict[str, Any]:
     """Evaluate the EMA generator with every hospital in ``nodes``; returns release.json's
     ``evaluation`` section. The hospitals' signed evaluation entries join ``state.ledger``, so
-    the release's ledgers and privacy summary include what the evaluation spent."""
+    the release's ledgers and privacy summary include what the evaluation spent.
+    ``synthetic``: the public side, when the caller already made it (`synthetic_side`)."""
     names = list(names)
-    synthetic = synthetic_side(cfg, ema_weights)
+    synthetic = synthetic or synthetic_side(cfg, ema_weights)
     replies = grid.send_and_receive(evaluate_messages(nodes, synthetic, state.run_id, state.round, names),
                                     timeout=EVAL_TIMEOUT_S)
     pooled = pool(replies, cfg, names, synthetic, state.run_id)

@@ -15,6 +15,8 @@
         checkpoint; metrics.csv (server/round_metrics.py); sample grid
     evaluate = true: DP scores of the release from the hospitals' held-out images, and the
         memorization check against their training images (server/evaluation.py)
+    utility-epsilon > 0: the utility table's real-data classifiers, DP-SGD at the hospitals
+        and DP scores (server/utility.py)
     release (server/release.py), with metrics.csv
 
 The server never sees a hospital's data or its budget settings beyond what the
@@ -34,7 +36,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from server import checkpoint, evaluation, release, replies, round_metrics
+from server import checkpoint, evaluation, release, replies, round_metrics, utility
 from server.checkpoint import ServerState
 from server.strategy import FedAvg, ema
 from shared import models, weights
@@ -250,9 +252,18 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     if cfg.evaluate:
         _say(f"evaluating the release on the hospitals' held-out images "
              f"(eval-epsilon {cfg.eval_epsilon:g} each)")
-        scores = evaluation.evaluate_release(grid, cfg, state, ema_w, wait_for_nodes(grid, cfg),
-                                             evaluation.RELEASE_EVALUATIONS)
+        synthetic = evaluation.synthetic_side(cfg, ema_w)
+        nodes = wait_for_nodes(grid, cfg)
+        scores = evaluation.evaluate_release(grid, cfg, state, ema_w, nodes,
+                                             evaluation.RELEASE_EVALUATIONS, synthetic)
         _say(evaluation.summary_line(scores))
+        if cfg.utility_epsilon > 0 and scores["scores"]:
+            _say(f"training the utility table's real-data classifiers with DP-SGD at the "
+                 f"hospitals (utility-epsilon {cfg.utility_epsilon:g} each per row)")
+            real = utility.run(grid, cfg, state, synthetic, nodes, say=_say)
+            scores["scores"]["utility"] = evaluation.utility_table(
+                scores["scores"].get("train_on_synthetic"), real)
+            _say(utility.summary_line(real))
     where = release.write_release(out, cfg, state, global_w, ema_w, stopped=stopped,
                                   evaluation=scores)
     table = round_metrics.rows(state, scores)

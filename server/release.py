@@ -101,15 +101,15 @@ def privacy_summary(state: ServerState) -> dict[str, Any]:
     """Per-hospital (epsilon, delta) from the last ledger entry each one returned.
 
     That entry's epsilon is the hospital's whole spend (training and, when the run evaluates,
-    the evaluation's releases after it); the training mechanism's figures come from the last
-    training entry.
+    the evaluation's releases and the utility classifiers after it); the training mechanism's
+    figures come from the last GAN training entry.
     """
     per = {}
     for hospital, entries in sorted(state.ledger.items()):
         if not entries:
             continue
         last = entries[-1]
-        training = [e for e in entries if not str(e.get("purpose", "")).startswith("eval-")]
+        training = [e for e in entries if not str(e.get("purpose", "")).startswith(("eval-", "utility-"))]
         last_training = training[-1] if training else last
         per[hospital] = {
             "epsilon": last["epsilon"], "delta": last["delta"],
@@ -122,7 +122,11 @@ def privacy_summary(state: ServerState) -> dict[str, Any]:
         }
         if len(training) < len(entries):
             per[hospital]["epsilon_training"] = last_training["epsilon"]
-            per[hospital]["evaluation_releases"] = len(entries) - len(training)
+            per[hospital]["evaluation_releases"] = sum(
+                str(e.get("purpose", "")).startswith("eval-") for e in entries)
+            utility = sum(str(e.get("purpose", "")).startswith("utility-") for e in entries)
+            if utility:
+                per[hospital]["utility_releases"] = utility
     eps = [p["epsilon"] for p in per.values()]
     return {
         "unit": "one image, add/remove adjacency",

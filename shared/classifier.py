@@ -24,14 +24,19 @@ AUGMENTATION = RandomAugment(rotate_deg=10.0, zoom=0.1, flip=True, intensity=0.1
 
 
 class SmallCNN(nn.Module):
-    """Three conv blocks (16, 32, 64 channels) with BatchNorm, global average pool, linear head."""
+    """Three conv blocks (16, 32, 64 channels) with GroupNorm, global average pool, linear head.
+
+    GroupNorm, not BatchNorm: the same network is trained with DP-SGD on the hospitals' real
+    images for the utility table's real-data rows (client/utility.py), where every layer must
+    treat samples independently; the synthetic-only row trains the same network, so the rows
+    compare training sets, not architectures."""
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
         self.num_classes = num_classes
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(4, c_out), nn.ReLU())
 
         self.features = nn.Sequential(
             block(1, 16), nn.MaxPool2d(2), block(16, 32), nn.MaxPool2d(2), block(32, 64), nn.AdaptiveAvgPool2d(1)
@@ -81,8 +86,6 @@ def train_classifier(
     for _ in range(epochs):
         order = torch.randperm(images.shape[0], generator=generator)
         for batch in order.split(batch_size):
-            if batch.numel() < 2:  # BatchNorm needs two samples
-                continue
             x = images[batch]
             if augment:
                 x = AUGMENTATION(x, generator=generator)

@@ -168,6 +168,17 @@ KNOBS: tuple[Knob, ...] = (
          "Clipping norm of a hospital's features after centering on the synthetic mean and "
          "projecting (in full-feature units): the sensitivity of the DP FID statistics.",
          _positive, "> 0"),
+    # --- downstream utility: the real-data rows of the utility table (shared/utility.py)
+    Knob("utility-epsilon", 0.0,
+         "Server: with evaluate = true, also train the utility table's three real-data "
+         "classifiers (real, real + augmentation, real + synthetic) with DP-SGD at the "
+         "hospitals and score them; each costs every hospital this epsilon (training and "
+         "scores); 0 = those rows are not trained.",
+         lambda v: v == 0 or (v >= 1 and math.isfinite(v)), "0 (off) or >= 1"),
+    Knob("utility-rounds", 5, "Federated rounds of the utility classifiers' DP-SGD training.",
+         _positive, "> 0"),
+    Knob("utility-steps", 20,
+         "DP-SGD steps per utility round, per hospital and classifier.", _positive, "> 0"),
     # --- outputs
     Knob("output-dir", "outputs/run", "Server: checkpoints, sample grids and the release.",
          lambda v: bool(v), "a path"),
@@ -222,6 +233,8 @@ def validate(values: dict[str, Any], source: str = "config") -> dict[str, Value]
         )
     if out["eval-every"] and not out["evaluate"]:
         raise ConfigError(f"{source}: eval-every = {out['eval-every']} needs evaluate = true")
+    if out["utility-epsilon"] and not out["evaluate"]:
+        raise ConfigError(f"{source}: utility-epsilon = {out['utility-epsilon']} needs evaluate = true")
     problem = _family_problem(out)
     if problem:
         raise ConfigError(f"{source}: {problem}")
@@ -298,6 +311,9 @@ class RunConfig:
     eval_features: str
     eval_fid_dims: int
     eval_clip_norm: float
+    utility_epsilon: float
+    utility_rounds: int
+    utility_steps: int
     output_dir: str
     samples_per_class: int
     resume: bool

@@ -11,6 +11,8 @@ so it is public):
     released-features    features (R, d) of exactly the released synthetic images (the
                          release's samples-per-class per class)            (memorization)
     classifier           SmallCNN state dict trained on synthetic images only   (classifier)
+    classifier-<variant> SmallCNN state dict trained with DP-SGD at the hospitals on real
+                         images (shared/utility.py)                   (utility-<variant>)
     distance-bins        edges (B + 1,): public bins of nearest-synthetic distances,
                          from 0, made from the released images' features   (memorization)
 
@@ -22,6 +24,8 @@ mechanism, charged to the hospital's ledger before it is sent; the ledger entry'
                          class-<c>.sum-outer (k, k), class-<c>.outer-noise-std (1,)
     recall-counts        counts (2,): real images inside / outside the synthetic k-NN manifold
     classifier-counts    confusion (K, K) [true, predicted], score-histograms (H, 2, B)
+    utility-<variant>-counts
+                         the same for a utility classifier (shared/utility.py)
     memorization-histograms
                          train (B + 1,), holdout (B + 1,): how many of the hospital's
                          training images (a random subset of at most MEMORIZATION_MAX_TRAIN)
@@ -36,7 +40,8 @@ Budget: the requested releases share the run's ``eval-epsilon`` by RDP compositi
 (``shared.dp_stats.split_epsilon``) in the proportions ``BUDGET_WEIGHTS``, normalised over
 the releases asked for: the FID covariance has k^2 noisy entries per class and gets most of
 it. An evaluation every eval-every rounds asks for fid-stats, recall and classifier; the
-release's adds memorization; each costs eval-epsilon in all.
+release's adds memorization; each costs eval-epsilon in all. The utility classifiers' counts
+are paid from utility-epsilon instead (``release_epsilons``).
 """
 
 from __future__ import annotations
@@ -55,8 +60,13 @@ RELEASES: dict[str, tuple[str, float, str]] = {
     "recall": ("eval-recall", 0.1, "recall-counts"),
     "classifier": ("eval-classifier", 0.2, "classifier-counts"),
     "memorization": ("eval-memorization", 0.15, "memorization-histograms"),
+    # the utility table's real-data classifiers (shared/utility.py): paid from utility-epsilon
+    "utility-real": ("utility-eval-real", 0.0, "utility-real-counts"),
+    "utility-real-augmented": ("utility-eval-real-augmented", 0.0, "utility-real-augmented-counts"),
+    "utility-real-synthetic": ("utility-eval-real-synthetic", 0.0, "utility-real-synthetic-counts"),
 }
-BUDGET_WEIGHTS = {name: weight for name, (_, weight, _) in RELEASES.items()}
+BUDGET_WEIGHTS = {name: weight for name, (_, weight, _) in RELEASES.items() if weight > 0}
+UTILITY_RELEASES = tuple(name for name in RELEASES if name.startswith("utility-"))
 RECALL_K = 3             # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
 FID_BASIS_SEED = 2048    # the random FID subspace: one for every generator and run
 SCORE_BINS = 10          # bins of the classifier's score histograms (ROC AUC)
@@ -86,9 +96,21 @@ def parse_evaluations(text: str) -> list[str]:
     return names
 
 
-def release_epsilons(names: Sequence[str], epsilon: float, delta: float) -> dict[str, float]:
-    """Each requested release's own epsilon; together they cost ``epsilon`` (RDP)."""
-    return split_epsilon(epsilon, delta, {n: BUDGET_WEIGHTS[n] for n in names})
+def release_epsilons(names: Sequence[str], epsilon: float, delta: float,
+                     utility_epsilon: float = 0.0) -> dict[str, float]:
+    """Each requested release's own epsilon: the evaluation's releases together cost
+    ``epsilon`` (RDP); a utility classifier's counts cost the share of ``utility_epsilon``
+    (utility-epsilon) that its DP-SGD training left (shared/utility.py)."""
+    from shared.utility import TRAIN_SHARE
+
+    utility = [n for n in names if n in UTILITY_RELEASES]
+    if utility and not utility_epsilon > 0:
+        raise ProtocolError(f"{', '.join(utility)}: this run has no utility-epsilon")
+    out = {n: (1.0 - TRAIN_SHARE) * utility_epsilon for n in utility}
+    shared = [n for n in names if n not in UTILITY_RELEASES]
+    if shared:
+        out.update(split_epsilon(epsilon, delta, {n: BUDGET_WEIGHTS[n] for n in shared}))
+    return {n: out[n] for n in names}
 
 
 def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

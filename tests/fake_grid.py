@@ -3,7 +3,8 @@
 `FakeGrid` answers `server.federation.run` the way a SuperLink with SuperNodes would,
 but each node is a hospital's node config (deployment-style, or the simulation's
 partition-id) and every reply comes from the ClientApp's handler called in this process
-(`client.app.train_reply`; `client.app.evaluate_reply` for evaluate messages): real DP
+(`client.app.train_reply`; `client.app.evaluate_reply` for evaluate messages,
+`client.app.utility_reply` for "train.utility"): real DP
 training, real ledgers, real budget checks, no gRPC and no subprocesses. A handler that raises becomes an error
 reply, as Flower's runtime would send it.
 
@@ -116,8 +117,10 @@ class FakeGrid:
             if msg.metadata.message_type == MessageType.TRAIN:
                 self.sent.append((int(msg.content["config"]["round"]), node))
                 handler = train_reply
-            else:  # the ClientApp's other handler, looked up by name like its decorator
-                handler = getattr(client_app, f"{msg.metadata.message_type}_reply")
+            else:  # the ClientApp's other handlers, looked up by name like their decorators:
+                # "evaluate" -> evaluate_reply, "train.utility" -> utility_reply
+                category, _, action = msg.metadata.message_type.partition(".")
+                handler = getattr(client_app, f"{action or category}_reply")
             try:
                 content = handler(msg.content, self.run_config, self.node_configs[node], node)
             except Exception as e:  # noqa: BLE001 -- Flower turns it into an error reply

@@ -294,7 +294,7 @@ class EvaluatingGrid(FakeGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        train = [m for m in messages if m.metadata.message_type != MessageType.EVALUATE]
         replies = list(super().send_and_receive(train, timeout=timeout)) if train else []
         for msg in messages:
             if msg.metadata.message_type != MessageType.EVALUATE:
