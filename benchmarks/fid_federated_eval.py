@@ -51,7 +51,7 @@ from shared.dp_stats import (  # noqa: E402
 from shared.features import InceptionFeatures, uint8_to_unit_range  # noqa: E402
 from shared.metrics import frechet_distance, precision_recall  # noqa: E402
 
-RELEASES = list(protocol.RELEASES)       # fid-stats, recall, classifier: the demo's request
+RELEASES = list(protocol.BUDGET_WEIGHTS)  # fid-stats, recall, classifier, memorization: the release's request
 # (basis, eval-fid-dims, eval-clip-norm); 0 dims = all 2048 features. Random subspaces are
 # scaled to full-feature units, so their clips compare with the 2048-d ones.
 SETTINGS = [("random", 8, 15.0), ("random", 16, 14.0), ("random", 16, 18.0), ("random", 16, 22.0),

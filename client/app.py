@@ -207,6 +207,20 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def signed_reply(reply: RecordDict, hospital: Hospital, ledger: ledger_mod.Ledger,
+                 entries: list[dict], metrics: dict) -> RecordDict:
+    """Complete a reply of DP releases: its status, metrics (epsilon after the last entry),
+    this reply's signed entries and the node's whole ledger."""
+    reply["metrics"] = MetricRecord({"epsilon": entries[-1]["epsilon"], **metrics})
+    reply["status"] = ConfigRecord({"status": STATUS_OK, "hospital-id": hospital.hospital_id})
+    reply["ledger"] = ConfigRecord({
+        "entries": json.dumps(entries, sort_keys=True),
+        "chain": json.dumps(ledger.entries, sort_keys=True),
+        "public-key": ledger_mod.public_key_pem(ledger.public_key),
+    })
+    return reply
+
+
 def evaluate_reply(content: RecordDict, run_config: dict, node_config: dict,
                    node_id: int = 0) -> RecordDict:
     """The evaluate handler without Flower's runtime around it (tests call it directly).
@@ -279,15 +293,7 @@ def evaluate_reply(content: RecordDict, run_config: dict, node_config: dict,
         reply[protocol.record_name(release.name)] = protocol.to_record(release.arrays)
     log.info("%s: evaluation released (%s), epsilon %.3f of %.3f", hospital.hospital_id,
              ", ".join(names), entries[-1]["epsilon"], hospital.epsilon_budget)
-    reply["metrics"] = MetricRecord({"epsilon": entries[-1]["epsilon"],
-                                     "epsilon-before": spent_before, **common})
-    reply["status"] = ConfigRecord({"status": STATUS_OK, "hospital-id": hospital.hospital_id})
-    reply["ledger"] = ConfigRecord({
-        "entries": json.dumps(entries, sort_keys=True),
-        "chain": json.dumps(ledger.entries, sort_keys=True),
-        "public-key": ledger_mod.public_key_pem(ledger.public_key),
-    })
-    return reply
+    return signed_reply(reply, hospital, ledger, entries, {"epsilon-before": spent_before, **common})
 
 
 def utility_reply(content: RecordDict, run_config: dict, node_config: dict,
@@ -366,15 +372,8 @@ def utility_reply(content: RecordDict, run_config: dict, node_config: dict,
         reply[key] = record
     log.info("%s: utility round %d trained, epsilon %.3f of %.3f", hospital.hospital_id,
              utility_round, entries[-1]["epsilon"], hospital.epsilon_budget)
-    reply["metrics"] = MetricRecord({"num-examples": n, "epsilon": entries[-1]["epsilon"],
-                                     "epsilon-before": spent_before, **common})
-    reply["status"] = ConfigRecord({"status": STATUS_OK, "hospital-id": hospital.hospital_id})
-    reply["ledger"] = ConfigRecord({
-        "entries": json.dumps(entries, sort_keys=True),
-        "chain": json.dumps(ledger.entries, sort_keys=True),
-        "public-key": ledger_mod.public_key_pem(ledger.public_key),
-    })
-    return reply
+    return signed_reply(reply, hospital, ledger, entries,
+                        {"num-examples": n, "epsilon-before": spent_before, **common})
 
 
 @app.train("utility")

@@ -232,6 +232,18 @@ def discriminator_gradient(private_d: nn.Module, opt_d, real_loss, real: torch.T
     return loss_fake.item(), True
 
 
+def poisson_batches(loader: DataLoader, steps: int):
+    """``steps`` Poisson batches from Opacus' loader, a new pass started when one ends."""
+    batches = iter(loader)
+    for _ in range(steps):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        yield batch
+
+
 def train_family_round(nets: dict[str, nn.Module], data: HospitalData, cfg: RunConfig,
                        plan: DPPlan, seed: int,
                        accountant_history: list[tuple[float, float, int]] | None = None,
@@ -299,15 +311,9 @@ def train_round(
         return diff_augment(x, diff_augment.draw(len(x), x.shape[-1], diff_rng))
 
     d_fake_sum, g_sum, g_steps = 0.0, 0.0, 0
-    batches = iter(loader)
     generator.train()
     private_d.train()
-    for step in range(plan.steps):
-        try:
-            real, labels = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            real, labels = next(batches)
+    for step, (real, labels) in enumerate(poisson_batches(loader, plan.steps)):
 
         with torch.no_grad():
             fake, y_fake = generated(B)

@@ -30,7 +30,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.train import sample_rate
+from client.train import poisson_batches, sample_rate
 from shared.classifier import AUGMENTATION
 from shared.config import RunConfig
 from shared.utility import LEARNING_RATE, TRAIN_SHARE
@@ -84,13 +84,7 @@ def train_variant(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         poisson_sampling=True, loss_reduction="sum", noise_generator=noise_rng)
     if abs(1 / len(loader) - plan.sample_rate) > 1e-12:
         raise RuntimeError(f"utility plan {plan} does not match the data actually sampled")
-    batches = iter(loader)
-    for _ in range(plan.steps):
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y = next(batches)
+    for x, y in poisson_batches(loader, plan.steps):
         if augment:
             x = AUGMENTATION(x, generator=augment_rng)
         optimizer.zero_grad(set_to_none=True)

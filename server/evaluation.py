@@ -506,9 +506,15 @@ def summary_line(section: dict[str, Any]) -> str:
     if "train_on_synthetic" in s:
         parts.append(f"TSTR accuracy {s['train_on_synthetic']['accuracy']:.2f}, "
                      f"AUC {s['train_on_synthetic']['auc']:.2f}")
+    return "evaluation: " + (", ".join(parts) or "no scores") + f" ({who_took_part(section)})"
+
+
+def who_took_part(section: dict[str, Any]) -> str:
+    """"3 hospitals; refused (budget): ...; failed: N" of a section with hospitals,
+    refused_budget and failures."""
     who = f"{len(section['hospitals'])} hospitals"
     if section["refused_budget"]:
         who += f"; refused (budget): {', '.join(section['refused_budget'])}"
     if section["failures"]:
         who += f"; failed: {len(section['failures'])}"
-    return "evaluation: " + (", ".join(parts) or "no scores") + f" ({who})"
+    return who

@@ -194,9 +194,4 @@ def summary_line(real: dict[str, Any]) -> str:
     """One progress line: each real-data row's accuracy and AUC, and who took part."""
     rows = [f"{name}: accuracy {row['accuracy']:.2f}, AUC {row['auc']:.2f} "
             f"(epsilon {row['epsilon_per_hospital']:.2f})" for name, row in real["rows"].items()]
-    who = f"{len(real['hospitals'])} hospitals"
-    if real["refused_budget"]:
-        who += f"; refused (budget): {', '.join(real['refused_budget'])}"
-    if real["failures"]:
-        who += f"; failed: {len(real['failures'])}"
-    return "utility: " + ("; ".join(rows) or "no real-data row") + f" ({who})"
+    return "utility: " + ("; ".join(rows) or "no real-data row") + f" ({evaluation.who_took_part(real)})"
