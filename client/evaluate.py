@@ -10,7 +10,8 @@
         classifier   confusion matrix and score histograms of the server's classifier,
                      trained on synthetic images only, on the real labelled images
         utility-*    the same for the utility table's real-data classifiers, which the
-                     hospitals trained with DP-SGD (shared/utility.py)
+                     hospitals trained with DP-SGD (shared/utility.py), over public score
+                     bins from their scores on the synthetic images
         memorization histograms of the distance from each TRAINING image (a random
                      subset of at most MEMORIZATION_MAX_TRAIN) and each held-out image to
                      its nearest public synthetic image, over public bins (sensitivity
@@ -97,10 +98,11 @@ def release_recall(features: torch.Tensor, synthetic: torch.Tensor, *, epsilon: 
 
 
 def release_classifier(data: HospitalData, classifier: SmallCNN, *, epsilon: float, delta: float,
-                       generator: torch.Generator, name: str = "classifier") -> Release:
+                       generator: torch.Generator, name: str = "classifier",
+                       edges: torch.Tensor | None = None) -> Release:
     counts, mechanism = dp_classification_counts(
         predict_proba(classifier, data.images), data.labels, epsilon=epsilon, delta=delta,
-        num_bins=protocol.SCORE_BINS, generator=generator)
+        num_bins=protocol.SCORE_BINS, generator=generator, edges=edges)
     return Release(name, protocol.classification_arrays(counts), mechanism)
 
 
@@ -153,10 +155,15 @@ def releases(names: list[str], content, data: HospitalData, cfg: RunConfig,
                                               training.images[subset]).double()
             out.append(release_memorization(train_features, features, synthetic, edges,
                                             epsilon=epsilons[name], delta=delta, generator=generator))
-        elif name == "classifier" or name in protocol.UTILITY_RELEASES:
-            key = ("classifier" if name == "classifier"
-                   else utility_protocol.classifier_key(utility_protocol.variant_of(name)))
-            classifier = protocol.load_classifier(needed(key), SmallCNN(cfg.num_classes))
+        elif name == "classifier":
+            classifier = protocol.load_classifier(needed("classifier"), SmallCNN(cfg.num_classes))
             out.append(release_classifier(data, classifier, epsilon=epsilons[name], delta=delta,
-                                          generator=generator, name=name))
+                                          generator=generator))
+        elif name in protocol.UTILITY_RELEASES:
+            variant = utility_protocol.variant_of(name)
+            classifier = protocol.load_classifier(needed(utility_protocol.classifier_key(variant)),
+                                                  SmallCNN(cfg.num_classes))
+            edges = protocol.score_edges_from_record(needed(utility_protocol.score_edges_key(variant)))
+            out.append(release_classifier(data, classifier, epsilon=epsilons[name], delta=delta,
+                                          generator=generator, name=name, edges=edges))
     return out

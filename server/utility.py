@@ -9,8 +9,10 @@
             node's whole ledger ending with them
         FedAvg per variant, weighted by the declared n; a hospital that refuses (budget) or
             fails is out for the rest of the phase
-    score: one EVALUATE message with the three classifiers; each hospital releases DP counts
-        of them on its held-out images (server/evaluation.py pool), paid from utility-epsilon
+    score: one EVALUATE message with the three classifiers and, for each, public score bins
+        that follow its scores on the synthetic images (shared/dp_stats.py
+        public_score_edges); each hospital releases DP counts of them on its held-out
+        images (server/evaluation.py pool), paid from utility-epsilon
     rows: accuracy and ROC AUC per variant with the real test count, the hospitals that
         trained, and each variant's own epsilon (its DP-SGD entries and its counts, composed)
 
@@ -37,8 +39,9 @@ from server.strategy import FedAvg
 from shared import evaluation as protocol
 from shared import utility as utility_protocol
 from shared import weights
-from shared.classifier import SmallCNN
+from shared.classifier import SmallCNN, predict_proba
 from shared.config import RunConfig
+from shared.dp_stats import public_score_edges
 
 log = logging.getLogger("fedsynth.server")
 VARIANTS = list(utility_protocol.VARIANTS)
@@ -156,6 +159,9 @@ def run(grid: Grid, cfg: RunConfig, state: ServerState, synthetic: evaluation.Sy
                                                   "evaluations": ",".join(names)})})
     for variant in VARIANTS:
         content[utility_protocol.classifier_key(variant)] = protocol.to_record(classifiers[variant])
+        scores = predict_proba(_model(cfg, classifiers[variant]), synthetic.images)
+        content[utility_protocol.score_edges_key(variant)] = protocol.score_edges_record(
+            public_score_edges(scores, protocol.SCORE_BINS))
     messages = [Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE) for node in nodes]
     pooled = evaluation.pool(grid.send_and_receive(messages, timeout=UTILITY_TIMEOUT_S),
                              cfg, names, synthetic, state.run_id)

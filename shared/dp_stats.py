@@ -1018,17 +1018,42 @@ class ClassificationCounts:
         return float(torch.stack(aucs).mean().clamp(0.0, 1.0))
 
 
-def classification_counts(probabilities: torch.Tensor, labels: torch.Tensor, num_bins: int = 100) -> ClassificationCounts:
-    """Exact ``ClassificationCounts`` from probabilities ``(N, K)`` and integer labels ``(N,)``."""
+def public_score_edges(probabilities: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Score-histogram edges ``(num_bins + 1,)`` from 0 to 1 that follow where a classifier's
+    scores lie, from its probabilities ``(N, K)`` on PUBLIC images (synthetic ones): nine
+    tenths of each inner edge is the score quantile, one tenth the uniform edge, so the edges
+    strictly increase whatever the scores. A classifier trained with DP-SGD at a small
+    epsilon puts nearly all its scores in one or two of ten uniform bins; there the AUC
+    would be measured on noise alone."""
+    probabilities = torch.as_tensor(probabilities, dtype=torch.float64)
+    scores = probabilities[:, 1] if probabilities.shape[1] == 2 else probabilities.flatten()
+    uniform = torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64)
+    quantiles = torch.quantile(scores, uniform[1:-1]) if len(scores) else uniform[1:-1]
+    inner = 0.9 * quantiles.clamp(0.0, 1.0) + 0.1 * uniform[1:-1]
+    return torch.cat([uniform[:1], inner, uniform[-1:]])
+
+
+def classification_counts(probabilities: torch.Tensor, labels: torch.Tensor, num_bins: int = 100,
+                          edges: torch.Tensor | None = None) -> ClassificationCounts:
+    """Exact ``ClassificationCounts`` from probabilities ``(N, K)`` and integer labels ``(N,)``.
+
+    Score bins: ``num_bins`` equal ones on [0, 1], or the public ``edges`` (from 0 to 1,
+    increasing: ``public_score_edges``)."""
     probabilities = torch.as_tensor(probabilities, dtype=torch.float64)
     labels = torch.as_tensor(labels).reshape(-1).long()
     num_classes = probabilities.shape[1]
     predicted = probabilities.argmax(dim=1)
     confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
     score_classes = [1] if num_classes == 2 else list(range(num_classes))
+    if edges is not None:
+        edges = torch.as_tensor(edges, dtype=torch.float64)
+        num_bins = len(edges) - 1
     histograms = []
     for c in score_classes:
-        bins = (probabilities[:, c] * num_bins).long().clamp(0, num_bins - 1)
+        if edges is None:
+            bins = (probabilities[:, c] * num_bins).long().clamp(0, num_bins - 1)
+        else:
+            bins = torch.bucketize(probabilities[:, c], edges[1:-1], right=True)
         is_class = (labels == c).long()
         histograms.append(torch.bincount(is_class * num_bins + bins, minlength=2 * num_bins).reshape(2, num_bins))
     return ClassificationCounts(confusion.reshape(num_classes, num_classes).double(), torch.stack(histograms).double())
@@ -1042,6 +1067,7 @@ def dp_classification_counts(
     delta: float,
     num_bins: int = 10,
     generator: torch.Generator | None = None,
+    edges: torch.Tensor | None = None,
 ) -> tuple[ClassificationCounts, Mechanism]:
     """Noised ``ClassificationCounts`` of a classifier on a hospital's real labelled images.
 
@@ -1050,8 +1076,9 @@ def dp_classification_counts(
     evenly over them. ``probabilities`` must come from a model that does not depend on these
     images (e.g. trained on synthetic data). Fewer bins: less noise in total, coarser AUC; on
     PneumoniaMNIST's 624 test images at epsilon 1, 10 bins gave AUC error -0.01 +- 0.026 (40 draws).
+    ``edges``: public score bins (``public_score_edges``; they must not depend on these images).
     """
-    exact = classification_counts(probabilities, labels, num_bins)
+    exact = classification_counts(probabilities, labels, num_bins, edges)
     parts = {"confusion": exact.confusion}
     parts.update({f"scores{c}": h for c, h in enumerate(exact.score_histograms)})
     released, mechanism = _gaussian_release(

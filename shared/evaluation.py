@@ -13,6 +13,9 @@ so it is public):
     classifier           SmallCNN state dict trained on synthetic images only   (classifier)
     classifier-<variant> SmallCNN state dict trained with DP-SGD at the hospitals on real
                          images (shared/utility.py)                   (utility-<variant>)
+    score-edges-<variant>
+                         edges (SCORE_BINS + 1,) from 0 to 1: that classifier's score bins,
+                         from its scores on the synthetic images       (utility-<variant>)
     distance-bins        edges (B + 1,): public bins of nearest-synthetic distances,
                          from 0, made from the released images' features   (memorization)
 
@@ -185,6 +188,22 @@ def load_classifier(record: ArrayRecord, model: torch.nn.Module) -> torch.nn.Mod
     _finite(arrays, "classifier")
     model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()}, strict=False)
     return model.eval()
+
+
+def score_edges_record(edges: torch.Tensor) -> ArrayRecord:
+    return _record({"edges": torch.as_tensor(edges, dtype=torch.float64).numpy()})
+
+
+def score_edges_from_record(record: ArrayRecord) -> torch.Tensor:
+    """Public score-histogram edges: SCORE_BINS + 1 numbers increasing from 0 to 1."""
+    arrays = record_arrays(record)
+    edges = arrays.get("edges")
+    if set(arrays) != {"edges"} or edges.shape != (SCORE_BINS + 1,):
+        raise ProtocolError(f"score-edges: expected one array 'edges' of {SCORE_BINS + 1} numbers")
+    _finite(arrays, "score-edges")
+    if edges[0] != 0 or edges[-1] != 1 or not (np.diff(edges) > 0).all():
+        raise ProtocolError("score-edges: edges must increase from 0 to 1")
+    return torch.as_tensor(edges, dtype=torch.float64)
 
 
 def distance_bins_record(edges: torch.Tensor) -> ArrayRecord:

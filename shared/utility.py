@@ -28,8 +28,8 @@ are a small federation of their own, run after the GAN's last round when utility
     score histograms on the hospital's held-out images, one Gaussian mechanism per variant
     (the "classifier" mechanism of the synthetic-only row)
 
-Budget: each variant costs a hospital utility-epsilon: TRAIN_SHARE of it for its DP-SGD
-steps over all utility rounds, the rest for its DP counts (RDP composes them to less than
+Budget: each variant costs a hospital utility-epsilon: TRAIN_SHARE (half) of it for its
+DP-SGD steps over all utility rounds, the rest for its DP counts (RDP composes them to less than
 utility-epsilon). The three variants cost 3 x utility-epsilon on top of the GAN and its
 evaluation before RDP composition, less after; each node's ledger checks the exact figure.
 
@@ -56,10 +56,12 @@ VARIANTS: dict[str, str] = {
     "real-augmented": "real + traditional augmentation",
     "real-synthetic": "real + synthetic",
 }
-# Of utility-epsilon, per variant: its DP-SGD steps; the rest (at least 0.25, as
-# utility-epsilon >= 1) for its DP counts: one Gaussian release at delta 1e-5 cannot be
-# calibrated below epsilon ~0.19 with Opacus' RDP orders (<= 63).
-TRAIN_SHARE = 0.75
+# Of utility-epsilon, per variant: its DP-SGD steps; the rest (at least 0.5, as
+# utility-epsilon >= 1) for its DP counts. With a quarter for the counts the demo's score
+# histograms drowned in noise (ROC AUC 0.0-0.3 at accuracy 0.66-0.71; benchmarks/RESULTS.md);
+# and one Gaussian release at delta 1e-5 cannot be calibrated below epsilon ~0.19 at all
+# with Opacus' RDP orders (<= 63).
+TRAIN_SHARE = 0.5
 LEARNING_RATE = 0.03     # Adam, on the noised summed gradient (of 0.002, 0.01, 0.03: best AUC
                          # at utility-epsilon 1 and 3, 100 steps; benchmarks/RESULTS.md)
 WEIGHT_SEED_OFFSET = 7919   # the classifiers' initial weights: seed + this
@@ -83,6 +85,11 @@ def variant_of(release: str) -> str:
 def classifier_key(variant: str) -> str:
     """The record carrying a variant's classifier, both ways."""
     return f"classifier-{variant}"
+
+
+def score_edges_key(variant: str) -> str:
+    """The record carrying a variant's public score bins (server -> hospital, evaluation)."""
+    return f"score-edges-{variant}"
 
 
 def synthetic_record(images: torch.Tensor, labels: torch.Tensor) -> ArrayRecord:
