@@ -13,7 +13,7 @@
                      hospitals trained with DP-SGD (shared/utility.py), over public score
                      bins from their scores on the synthetic images
         memorization histograms of the distance from each TRAINING image (a random
-                     subset of at most MEMORIZATION_MAX_TRAIN) and each held-out image to
+                     subset of at most eval-memorization-train) and each held-out image to
                      its nearest public synthetic image, over public bins (sensitivity
                      sqrt 2 and 1: shared/dp_stats.py dp_memorization_histograms)
 
@@ -107,10 +107,10 @@ def release_classifier(data: HospitalData, classifier: SmallCNN, *, epsilon: flo
 
 
 def release_memorization(training: torch.Tensor, held_out: torch.Tensor, synthetic: torch.Tensor,
-                         edges: torch.Tensor, *, epsilon: float, delta: float,
+                         edges: torch.Tensor, *, max_train: int, epsilon: float, delta: float,
                          generator: torch.Generator) -> Release:
     histograms, mechanism = dp_memorization_histograms(
-        training, held_out, synthetic, edges, max_train=protocol.MEMORIZATION_MAX_TRAIN,
+        training, held_out, synthetic, edges, max_train=max_train,
         epsilon=epsilon, delta=delta, generator=generator)
     return Release("memorization", protocol.memorization_arrays(histograms), mechanism)
 
@@ -147,13 +147,14 @@ def releases(names: list[str], content, data: HospitalData, cfg: RunConfig,
                                                       what="released-features")
             edges = protocol.distance_bins_from_record(needed("distance-bins"))
             # The measured training images are a uniformly random subset of at most
-            # MEMORIZATION_MAX_TRAIN (dp_memorization_histograms' privacy argument); drawing
+            # eval-memorization-train (dp_memorization_histograms' privacy argument); drawing
             # it before the Inception pass, not after, spares features never measured.
             subset = torch.randperm(len(training.images), generator=generator)
-            subset = subset[:protocol.MEMORIZATION_MAX_TRAIN]
+            subset = subset[:cfg.eval_memorization_train]
             train_features = extract_features(feature_network(cfg.eval_features),
                                               training.images[subset]).double()
             out.append(release_memorization(train_features, features, synthetic, edges,
+                                            max_train=cfg.eval_memorization_train,
                                             epsilon=epsilons[name], delta=delta, generator=generator))
         elif name == "classifier":
             classifier = protocol.load_classifier(needed("classifier"), SmallCNN(cfg.num_classes))

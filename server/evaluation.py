@@ -334,7 +334,7 @@ def scores(cfg: RunConfig, synthetic: Synthetic, pooled: Pooled, names: list[str
     if "memorization" in names and pooled.memorization:
         out["memorization"] = {**memorization_scores(synthetic.distance_bins, pooled,
                                                      int(synthetic.released_features.shape[0]),
-                                                     seed=synthetic.seed),
+                                                     seed=synthetic.seed, cap=cfg.eval_memorization_train),
                                "privacy": cost("memorization")}
     out["diversity_ssim"] = {
         "per_class": {name: diversity_ssim(synthetic.images[synthetic.labels == c], seed=cfg.seed)
@@ -400,7 +400,7 @@ def utility_table(train_on_synthetic: dict[str, Any] | None,
 
 
 def memorization_scores(edges: torch.Tensor, pooled: Pooled, synthetic_count: int, seed: int,
-                        draws: int = 200) -> dict[str, Any]:
+                        cap: int, draws: int = 200) -> dict[str, Any]:
     """The memorization check from the pooled DP histograms (post-processing).
 
     closer_probability: P(a training image is closer to its nearest synthetic image than a
@@ -441,7 +441,7 @@ def memorization_scores(edges: torch.Tensor, pooled: Pooled, synthetic_count: in
         "holdout_quantiles": dict(zip(("p1", "p5", "p50"), histogram_quantiles(holdout, edges, quantiles))),
         "train_count": round(n_train, 1), "holdout_count": round(n_holdout, 1),
         "synthetic_count": synthetic_count,
-        "train_cap_per_hospital": protocol.MEMORIZATION_MAX_TRAIN,
+        "train_cap_per_hospital": cap,
         "bin_edges": edges.tolist(), "train_histogram": train.tolist(), "holdout_histogram": holdout.tolist(),
         "feature_space": "all features of eval-features (Euclidean distance)",
         "note": "training images (at most train_cap_per_hospital per hospital, a random subset) vs "

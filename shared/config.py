@@ -164,6 +164,10 @@ KNOBS: tuple[Knob, ...] = (
          "the same for every generator (0 = all features: the standard FID space, far "
          "noisier under DP).",
          _nonnegative, ">= 0"),
+    Knob("eval-memorization-train", 300,
+         "Training images per hospital that the release's memorization check measures (a "
+         "random subset of at most this many; their Inception pass is most of the check's time).",
+         _positive, "> 0"),
     Knob("eval-clip-norm", 18.0,
          "Clipping norm of a hospital's features after centering on the synthetic mean and "
          "projecting (in full-feature units): the sensitivity of the DP FID statistics.",
@@ -310,6 +314,7 @@ class RunConfig:
     eval_split: str
     eval_features: str
     eval_fid_dims: int
+    eval_memorization_train: int
     eval_clip_norm: float
     utility_epsilon: float
     utility_rounds: int

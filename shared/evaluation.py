@@ -31,7 +31,7 @@ mechanism, charged to the hospital's ledger before it is sent; the ledger entry'
                          the same for a utility classifier (shared/utility.py)
     memorization-histograms
                          train (B + 1,), holdout (B + 1,): how many of the hospital's
-                         training images (a random subset of at most MEMORIZATION_MAX_TRAIN)
+                         training images (a random subset of at most eval-memorization-train)
                          and held-out images have their nearest synthetic image at a
                          distance in each bin (shared/dp_stats.py dp_memorization_histograms)
 
@@ -73,8 +73,6 @@ UTILITY_RELEASES = tuple(name for name in RELEASES if name.startswith("utility-"
 RECALL_K = 3             # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
 FID_BASIS_SEED = 2048    # the random FID subspace: one for every generator and run
 SCORE_BINS = 10          # bins of the classifier's score histograms (ROC AUC)
-MEMORIZATION_MAX_TRAIN = 300    # training images a hospital measures (a random subset; the
-                               # Inception pass over them is most of the check's time)
 MEMORIZATION_BINS = 10          # distance bins (+ overflow) of the memorization histograms
 
 

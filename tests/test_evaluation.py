@@ -332,7 +332,7 @@ def test_a_run_with_evaluate_releases_scores_with_their_privacy_cost(tmp_path):
     assert rows["synthetic only"]["accuracy"] == scores["train_on_synthetic"]["accuracy"]
     assert all("DP" in row["reason"] and "accuracy" not in row for row in rows.values() if not row["released"])
     assert scores["memorization"]["flagged"] in (True, False)
-    cap = protocol.MEMORIZATION_MAX_TRAIN                              # per hospital, 2 of them
+    cap = smoke_config(tmp_path, **EVAL).eval_memorization_train       # per hospital, 2 of them
     assert abs(scores["memorization"]["train_count"] - 2 * cap) < 300
     for name in ("fid", "recall", "train_on_synthetic", "memorization"):
         privacy = scores[name]["privacy"]

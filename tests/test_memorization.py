@@ -24,6 +24,7 @@ from server import evaluation, release
 from server.checkpoint import ServerState
 from shared import evaluation as protocol
 from shared import models, weights
+from shared.config import RunConfig
 from shared.dp_stats import closer_probability, dp_memorization_histograms
 from shared.features import TinyFeatureNet, uint8_to_unit_range
 from shared.metrics import in_manifold, manifold_radii
@@ -126,7 +127,7 @@ def test_a_copying_generator_is_flagged_and_a_fresh_one_is_not(features):
     results = {}
     for name, fake in generators.items():
         edges = evaluation.memorization_bins(fake, fallback=5.0)
-        draws = [evaluation.memorization_scores(edges, _pooled(features, fake, edges, seed), 400, seed=seed)
+        draws = [evaluation.memorization_scores(edges, _pooled(features, fake, edges, seed), 400, seed=seed, cap=300)
                  for seed in range(3)]
         results[name] = draws
         print(name, [(round(d["closer_probability"], 3), round(d["standard_error"], 3),
@@ -163,9 +164,9 @@ def test_the_release_reply_carries_only_noised_histograms_charged_to_the_ledger(
     assert {k: a.shape for k, a in arrays.items()} == {"train": (bins,), "holdout": (bins,)}
     for a in arrays.values():
         assert a.dtype == np.float64 and not np.allclose(a, np.round(a))   # noised, not counts
-    # MEMORIZATION_MAX_TRAIN training images (the cap; the hospital holds 2354) and 312
+    # eval-memorization-train training images (the cap; the hospital holds 2354) and 312
     # held out, give or take the noise (a std of about 50 on these sums)
-    cap = protocol.MEMORIZATION_MAX_TRAIN
+    cap = RunConfig.from_flat({}).eval_memorization_train
     assert abs(arrays["train"].sum() - cap) < 200 and 150 < arrays["holdout"].sum() < 450
     entries = json.loads(reply["ledger"]["entries"])
     assert entries == read_entries(tmp_path / "hospitals" / "hospital-0" / "ledger.jsonl")
