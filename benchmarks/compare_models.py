@@ -38,7 +38,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from benchmarks.timing import machine
 from client import app as client_app
 from client.data import preprocess
-from server.release import SAMPLE_SEED_OFFSET, generator_from, generate
+from server.release import SAMPLE_SEED_OFFSET, generator_from, generate, sampler_weights
 from server.strategy import FedAvg, ema
 from shared import cyclegan, models, weights
 from shared.classifier import evaluate_classifier, predict_proba, train_classifier
@@ -117,10 +117,11 @@ def real_test(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(labels)
 
 
-def score_sampler(cfg: RunConfig, ema_w: dict, features_name: str) -> dict:
+def score_sampler(cfg: RunConfig, sampler: dict, features_name: str) -> dict:
+    """sampler: the EMA generator's weights (and the discriminator's: `sampler_weights`)."""
     real, real_labels = real_test(cfg)
     labels = np.repeat(np.arange(cfg.num_classes), cfg.samples_per_class)
-    fake = uint8_to_unit_range(generate(generator_from(cfg, ema_w), labels, cfg.latent_dim,
+    fake = uint8_to_unit_range(generate(generator_from(cfg, sampler), labels, cfg.latent_dim,
                                         cfg.seed + SAMPLE_SEED_OFFSET + 1))
     net = feature_network(features_name)
     f_real, f_fake = extract_features(net, real).double(), extract_features(net, fake).double()
@@ -210,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fedsynth-compare-") as tmp:
             values = validate({**base_values(args, Path(tmp)), **VARIANTS[name],
                                "sim-hospital-epsilon": args.epsilon})
-            cfg, _, ema_w, seconds, epsilon = federate(values, args.hospitals)
+            cfg, global_w, ema_w, seconds, epsilon = federate(values, args.hospitals)
             if models.family(cfg).release == "translator":
                 judge = judge or real_classifier(cfg)
                 translator_cfg = cfg
                 scores = score_translator(cfg, ema_w, judge)
                 translator_rows.append((name, epsilon, seconds, scores))
             else:
-                scores = score_sampler(cfg, ema_w, args.features)
+                scores = score_sampler(cfg, sampler_weights(global_w, ema_w), args.features)
                 sampler_rows.append((name, epsilon, seconds, scores))
         print(f"{name}: epsilon {epsilon:.2f}, {seconds:.0f} s, "
               + ", ".join(f"{k} {_fmt(v)}" for k, v in scores.items()), flush=True)

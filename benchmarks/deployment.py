@@ -171,7 +171,7 @@ def server_round_seconds(run_values: dict, workdir: Path, repeats: int = 3) -> f
         state.round = rnd
         start = time.perf_counter()
         checkpoint.save(workdir, state, global_w, ema_w)
-        release.save_grid(release.generator_from(cfg, ema_w), cfg,
+        release.save_grid(release.generator_from(cfg, release.sampler_weights(global_w, ema_w)), cfg,
                           workdir / "samples" / f"round-{rnd:04d}.png")
         times.append(time.perf_counter() - start)
     return median(times)

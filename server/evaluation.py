@@ -126,11 +126,13 @@ class Pooled:
     epsilon: dict[str, float] = field(default_factory=dict)
 
 
-def synthetic_side(cfg: RunConfig, ema_weights: dict[str, np.ndarray]) -> Synthetic:
-    """Synthetic images, their features, the FID transform and the TSTR classifier."""
+def synthetic_side(cfg: RunConfig, sampler: dict[str, np.ndarray]) -> Synthetic:
+    """Synthetic images, their features, the FID transform and the TSTR classifier.
+    ``sampler``: the EMA generator's weights, and the discriminator's when the release picks
+    among candidates (`release.sampler_weights`)."""
     seed = cfg.seed + release.SAMPLE_SEED_OFFSET + 1   # the release's own samples
     labels = np.repeat(np.arange(cfg.num_classes), cfg.eval_samples)
-    generator = release.generator_from(cfg, ema_weights)
+    generator = release.generator_from(cfg, sampler)
     images = uint8_to_unit_range(release.generate(generator, labels, cfg.latent_dim, seed))
     features = extract_features(feature_network(cfg.eval_features), images).double()
     if cfg.eval_fid_dims > features.shape[1]:
@@ -452,15 +454,15 @@ def memorization_scores(edges: torch.Tensor, pooled: Pooled, synthetic_count: in
     }
 
 
-def evaluate_release(grid: Grid, cfg: RunConfig, state: ServerState, ema_weights: dict[str, np.ndarray],
+def evaluate_release(grid: Grid, cfg: RunConfig, state: ServerState, sampler: dict[str, np.ndarray],
                      nodes: Iterable[int], names: Iterable[str] = EVALUATIONS,
                      synthetic: Synthetic | None = None) -> dict[str, Any]:
-    """Evaluate the EMA generator with every hospital in ``nodes``; returns release.json's
+    """Evaluate the EMA generator (``sampler``: `synthetic_side`) with every hospital in ``nodes``; returns release.json's
     ``evaluation`` section. The hospitals' signed evaluation entries join ``state.ledger``, so
     the release's ledgers and privacy summary include what the evaluation spent.
     ``synthetic``: the public side, when the caller already made it (`synthetic_side`)."""
     names = list(names)
-    synthetic = synthetic or synthetic_side(cfg, ema_weights)
+    synthetic = synthetic or synthetic_side(cfg, sampler)
     replies = grid.send_and_receive(evaluate_messages(nodes, synthetic, state.run_id, state.round, names),
                                     timeout=EVAL_TIMEOUT_S)
     pooled = pool(replies, cfg, names, synthetic, state.run_id)

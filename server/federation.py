@@ -228,13 +228,13 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         state.round = rnd
         if rnd in cfg.eval_rounds:   # before the checkpoint: a resumed run keeps the scores
             record["evaluation"] = evaluation.evaluate_release(
-                grid, cfg, state, ema_w, [n for n in wait_for_nodes(grid, cfg) if n not in excluded],
+                grid, cfg, state, release.sampler_weights(global_w, ema_w), [n for n in wait_for_nodes(grid, cfg) if n not in excluded],
                 evaluation.EVALUATIONS)
             _say(f"round {rnd}: " + evaluation.summary_line(record["evaluation"]))
         state.rounds.append(record)
         path = checkpoint.save(out, state, global_w, ema_w)
         round_metrics.write(out / round_metrics.FILENAME, round_metrics.rows(state))
-        release.save_grid(release.generator_from(cfg, ema_w), cfg,
+        release.save_grid(release.generator_from(cfg, release.sampler_weights(global_w, ema_w)), cfg,
                           out / "samples" / f"round-{rnd:04d}.png")
         eps = {h: m["epsilon"] for h, m in record["clients"].items()}
         _say(f"round {rnd}/{cfg.num_rounds}: {fedavg.count} hospitals, "
@@ -252,9 +252,10 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     if cfg.evaluate:
         _say(f"evaluating the release on the hospitals' held-out images "
              f"(eval-epsilon {cfg.eval_epsilon:g} each)")
-        synthetic = evaluation.synthetic_side(cfg, ema_w)
+        sampler = release.sampler_weights(global_w, ema_w)
+        synthetic = evaluation.synthetic_side(cfg, sampler)
         nodes = wait_for_nodes(grid, cfg)
-        scores = evaluation.evaluate_release(grid, cfg, state, ema_w, nodes,
+        scores = evaluation.evaluate_release(grid, cfg, state, sampler, nodes,
                                              evaluation.RELEASE_EVALUATIONS, synthetic)
         _say(evaluation.summary_line(scores))
         if cfg.utility_epsilon > 0 and scores["scores"]:

@@ -7,6 +7,8 @@
         grid.png                       one row per class
         generator.pt                   final aggregated generator (state dict)
         generator-ema.pt               the server's EMA of it (used for the images)
+        discriminator.pt               with release-candidates > 1 only: the final
+                                       aggregated discriminator that chose among them
         ledger/<hospital>.jsonl        the signed ledger entries each hospital returned
         keys/<hospital>.pub.pem        the ledger keys the hospitals sent (an auditor should
                                        use keys obtained from the hospitals themselves)
@@ -46,24 +48,68 @@ from shared.config import RunConfig
 SAMPLE_SEED_OFFSET = 1_000_003  # release samples use seed + this: distinct from training
 
 
+class BestOf(nn.Module):
+    """Discriminator rejection sampling in its best-of-r form (after Azadi et al. 2019):
+    each image is, of `candidates` draws of its class, the one the critic scores most real.
+
+    The critic is the final aggregated discriminator: FedAvg of DP updates, so choosing with
+    it is post-processing (no privacy cost, nothing goes back to a hospital). It drops the
+    draws a DP generator gets worst (near-black or washed-out frames) at the price of some
+    diversity: the release states r, and its evaluation scores these same images.
+    """
+
+    def __init__(self, generator: nn.Module, critic: nn.Module, candidates: int):
+        super().__init__()
+        self.generator, self.critic, self.candidates = generator, critic, candidates
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """z: (N * candidates, latent_dim), labels: (N,) -> the N chosen images."""
+        n, r = len(labels), self.candidates
+        y = labels.repeat_interleave(r)
+        x = self.generator(z, y)
+        best = self.critic(x, y).view(n, r).argmax(dim=1)
+        return x.view(n, r, *x.shape[1:])[torch.arange(n), best]
+
+
+def sampler_weights(global_weights: dict[str, np.ndarray],
+                    ema_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the release samples from: the EMA generator and the final discriminator."""
+    return {**{k: v for k, v in global_weights.items() if k.startswith("discriminator.")},
+            **ema_weights}
+
+
 def generator_from(cfg: RunConfig, arrays: dict[str, np.ndarray]) -> nn.Module:
-    g = models.build(cfg)["generator"]
+    """The generator in `arrays` ("generator."-prefixed keys), in eval mode; with
+    release-candidates > 1 wrapped in BestOf with the discriminator in `arrays`
+    (`sampler_weights`)."""
+    nets = models.build(cfg)
+    g = nets["generator"]
     state = {k.split(".", 1)[1]: torch.from_numpy(v.copy())
              for k, v in arrays.items() if k.startswith("generator.")}
     g.load_state_dict(state, strict=False)
-    return g.eval()
+    if cfg.release_candidates == 1:
+        return g.eval()
+    critic = {k.split(".", 1)[1]: torch.from_numpy(v.copy())
+              for k, v in arrays.items() if k.startswith("discriminator.")}
+    if not critic:
+        raise ValueError(f"release-candidates = {cfg.release_candidates} needs the "
+                         f"discriminator's weights next to the generator's (sampler_weights)")
+    nets["discriminator"].load_state_dict(critic)
+    return BestOf(g, nets["discriminator"], cfg.release_candidates).eval()
 
 
 @torch.no_grad()
 def generate(generator: nn.Module, labels: np.ndarray, latent_dim: int, seed: int,
              batch: int = 500) -> np.ndarray:
-    """uint8 images (N, S, S) for the given labels, reproducible from `seed`."""
+    """uint8 images (N, S, S) for the given labels, reproducible from `seed`
+    (a BestOf generator draws its candidates from the same stream)."""
     rng = torch.Generator().manual_seed(seed)
     out = []
+    r = getattr(generator, "candidates", 1)
     y_all = torch.as_tensor(labels, dtype=torch.long)
     for start in range(0, len(y_all), batch):
         y = y_all[start:start + batch]
-        z = torch.randn(len(y), latent_dim, generator=rng)
+        z = torch.randn(len(y) * r, latent_dim, generator=rng)
         x = generator(z, y)[:, 0]
         out.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
     return np.concatenate(out) if out else np.zeros((0, 1, 1), np.uint8)
@@ -159,7 +205,7 @@ def write_release(output_dir: Path, cfg: RunConfig, state: ServerState,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    generator = generator_from(cfg, ema_weights)
+    generator = generator_from(cfg, sampler_weights(global_weights, ema_weights))
     sample_seed = cfg.seed + SAMPLE_SEED_OFFSET + 1
     family = models.family(cfg)
     if family.write_images is not None:       # a translator: its own images and grid
@@ -168,6 +214,11 @@ def write_release(output_dir: Path, cfg: RunConfig, state: ServerState,
         write_samples(generator, cfg, tmp, sample_seed)
         images_info = {"per_class": cfg.samples_per_class, "classes": list(cfg.class_names),
                        "size": cfg.image_size, "generator": "generator-ema.pt"}
+        if isinstance(generator, BestOf):
+            images_info["selection"] = {
+                "method": "best of candidates by the discriminator (server/release.py BestOf)",
+                "candidates": cfg.release_candidates, "critic": "discriminator.pt"}
+            torch.save(generator.critic.state_dict(), tmp / "discriminator.pt")
     save_grid(generator, cfg, tmp / "grid.png")
     for name, arrays in (("generator.pt", global_weights), ("generator-ema.pt", ema_weights)):
         torch.save({k.split(".", 1)[1]: torch.from_numpy(v.copy())

@@ -23,6 +23,9 @@ _LAYOUT = {28: (7, 2), 32: (4, 3), 64: (4, 4)}  # image side -> (first map side,
 
 
 def _init_dcgan(module: nn.Module) -> None:
+    """The seed paper's initialisation (DCGAN): weights N(0, 0.02), norm scales N(1, 0.02).
+    With it the generator starts as a near-constant grey image and the first few rounds'
+    DP steps go into leaving that; `init = "pytorch"` keeps PyTorch's layer defaults."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
@@ -33,7 +36,8 @@ def _init_dcgan(module: nn.Module) -> None:
 
 
 class Generator(nn.Module):
-    def __init__(self, image_size: int, num_classes: int, latent_dim: int, width: int):
+    def __init__(self, image_size: int, num_classes: int, latent_dim: int, width: int,
+                 init: str = "dcgan"):
         super().__init__()
         side, doublings = _LAYOUT[image_size]
         self.latent_dim, self.num_classes = latent_dim, num_classes
@@ -54,7 +58,8 @@ class Generator(nn.Module):
             ]
         blocks += [nn.Conv2d(channels[-1], 1, 3, padding=1), nn.Tanh()]
         self.body = nn.Sequential(*blocks)
-        self.apply(_init_dcgan)
+        if init == "dcgan":
+            self.apply(_init_dcgan)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """z: (N, latent_dim), labels: (N,) int64 -> images (N, 1, S, S) in [-1, 1]."""
@@ -62,7 +67,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, image_size: int, num_classes: int, width: int):
+    def __init__(self, image_size: int, num_classes: int, width: int, init: str = "dcgan"):
         super().__init__()
         _, doublings = _LAYOUT[image_size]
         stages = doublings + 1  # 28 -> 14 -> 7 -> 4 ; 32 -> 16 -> 8 -> 4 -> 2 ; 64 -> ... -> 4
@@ -80,7 +85,8 @@ class Discriminator(nn.Module):
             dim = self.features(torch.zeros(1, 1, image_size, image_size)).shape[1]
         self.linear = nn.Linear(dim, 1)
         self.embed = nn.Embedding(num_classes, dim)
-        self.apply(_init_dcgan)
+        if init == "dcgan":
+            self.apply(_init_dcgan)
         # The projection term <embed(y), h(x)> sums over `dim` features: with PyTorch's
         # default N(0, 1) embedding it would start at logits of +-30 and saturate.
         nn.init.normal_(self.embed.weight, 0.0, 0.02)
@@ -94,8 +100,9 @@ class Discriminator(nn.Module):
 def build(cfg: RunConfig) -> dict[str, nn.Module]:
     """The family's named networks, freshly initialised (the registry seeds torch first)."""
     return {
-        "generator": Generator(cfg.image_size, cfg.num_classes, cfg.latent_dim, cfg.g_width),
-        "discriminator": Discriminator(cfg.image_size, cfg.num_classes, cfg.d_width),
+        "generator": Generator(cfg.image_size, cfg.num_classes, cfg.latent_dim, cfg.g_width,
+                               cfg.init),
+        "discriminator": Discriminator(cfg.image_size, cfg.num_classes, cfg.d_width, cfg.init),
     }
 
 

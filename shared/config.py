@@ -68,6 +68,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob("latent-dim", 64, "Generator noise dimension.", _positive, "> 0"),
     Knob("g-width", 32, "Generator base channel width.", _positive, "> 0"),
     Knob("d-width", 32, "Discriminator base channel width.", _positive, "> 0"),
+    Knob("init", "dcgan",
+         "cgan weight initialisation: dcgan (N(0, 0.02), the seed paper's) or pytorch "
+         "(PyTorch's layer defaults: the generator does not start flat grey, which matters "
+         "when the budget buys few steps).",
+         lambda v: v in ("dcgan", "pytorch"), "dcgan or pytorch"),
     # --- federation
     Knob("num-rounds", 10, "Federated rounds.", _positive, "> 0"),
     Knob("num-hospitals", 3, "Simulation: number of hospitals (SuperNodes).",
@@ -187,6 +192,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob("output-dir", "outputs/run", "Server: checkpoints, sample grids and the release.",
          lambda v: bool(v), "a path"),
     Knob("samples-per-class", 100, "Release: synthetic images per class.", _positive, "> 0"),
+    Knob("release-candidates", 1,
+         "Release: each image is the best of this many generated candidates of its class, "
+         "ranked by the final discriminator (server/release.py BestOf; post-processing, no "
+         "privacy cost; 1 = plain samples). Grids and the evaluation use the same images.",
+         _positive, ">= 1"),
     Knob("resume", False, "Server: continue from the last checkpoint in output-dir.",
          lambda v: isinstance(v, bool), "true or false"),
     Knob("stop-after-round", 0,
@@ -281,6 +291,7 @@ class RunConfig:
     latent_dim: int
     g_width: int
     d_width: int
+    init: str
     num_rounds: int
     num_hospitals: int
     min_hospitals: int
@@ -321,6 +332,7 @@ class RunConfig:
     utility_steps: int
     output_dir: str
     samples_per_class: int
+    release_candidates: int
     resume: bool
     stop_after_round: int
     seed: int

@@ -173,6 +173,11 @@ def config_problem(flat: dict[str, Any]) -> str | None:
     if len(names) != 2:
         return (f"model = 'cyclegan' translates between two domains: class-names needs exactly "
                 f"2 names (domain A, domain B), got {len(names)}")
+    if flat["init"] != "dcgan":
+        return f"init = {flat['init']!r} is a cgan knob; model = 'cyclegan' has its own initialisation"
+    if flat["release-candidates"] != 1:
+        return ("release-candidates > 1 picks among images generated from noise; "
+                "model = 'cyclegan' translates given images: set it to 1")
     if flat["evaluate"]:
         return ("model = 'cyclegan' has no images-from-noise to score: set evaluate = false "
                 "(the release's example grid shows its translations)")

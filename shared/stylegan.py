@@ -217,6 +217,8 @@ def build(cfg: RunConfig) -> dict[str, nn.Module]:
 
 
 def config_problem(flat: dict) -> str | None:
+    if flat["init"] != "dcgan":
+        return f"init = {flat['init']!r} is a cgan knob; model = 'stylegan' has its own initialisation"
     size = int(flat["image-size"])
     if size & (size - 1):
         return (f"model = 'stylegan' needs image-size a power of two (its generator doubles "
