@@ -5,11 +5,12 @@
 configs/demo.toml (3 hospitals, label skew, 28 px, epsilon 9 for training) with the given
 overrides, every round run in this process through the real hospital handler and the
 server's FedAvg + EMA (`benchmarks.compare_models.federate`: no Flower transport, no DP
-evaluation), so one variant takes 4-5 minutes on one core and two run side by side on two.
+evaluation), so one variant takes 4-7 minutes on one core and two run side by side on two.
 Writes outputs/demo-knobs/NAME/grid.png (the release's sampler: EMA generator, and the best of
 release-candidates by the final discriminator), grid-plain.png (the EMA generator alone, one
-draw per image) and appends one JSON line of scores to outputs/demo-knobs/results.jsonl:
-central, non-DP scores against PneumoniaMNIST's public test split in the "tiny" random-conv
+draw per image), sampler.npz (the weights) and appends one JSON line of scores to
+outputs/demo-knobs/results.jsonl, for the plain and (release-candidates > 1) the selected
+images: central, non-DP scores against PneumoniaMNIST's public test split in the "tiny" random-conv
 features (`compare_models.score_sampler`; fast on 2 cores, not comparable with published
 FIDs). A hospital's noise secret is fresh per run, so a rerun of one variant draws other
 noise: read single rows with benchmarks/RESULTS.md's spread in mind.
@@ -21,6 +22,8 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.compare_models import federate, score_sampler
 from server.release import generator_from, sampler_weights, save_grid
@@ -54,10 +57,14 @@ def main(argv: list[str] | None = None) -> dict:
     save_grid(generator_from(cfg, sampler), cfg, out / "grid.png")
     plain = dataclasses.replace(cfg, release_candidates=1)
     save_grid(generator_from(plain, ema_w), plain, out / "grid-plain.png")
-    scores = score_sampler(cfg, sampler, "tiny")
+    np.savez(out / "sampler.npz", **sampler)
     row = {"name": name, "overrides": overrides, "train_s": round(seconds),
-           "max_epsilon": round(epsilon, 3),
-           **{k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}}
+           "max_epsilon": round(epsilon, 3)}
+    for label, c in (("selected", cfg), ("plain", plain)):
+        if label == "plain" or cfg.release_candidates > 1:
+            scores = score_sampler(c, sampler, "tiny")
+            row[label] = {k: round(v, 4) if isinstance(v, float) else v
+                          for k, v in scores.items()}
     with open(OUT / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row))

@@ -15,6 +15,7 @@ the 624 test images and a 1000-image training subsample take minutes (cached per
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -52,8 +53,11 @@ def load(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, np.ndarray]]
 
 
 def features(args: argparse.Namespace, sets: dict) -> tuple[dict[str, torch.Tensor], float]:
+    # the images' digest, not only the path: a new release in the same folder must not reuse
+    # the old one's features
+    digest = hashlib.sha256(np.ascontiguousarray(sets["synthetic"][0]).tobytes()).hexdigest()
     key = {"release": str(args.release.resolve()), "features": args.features, "train_size": args.train_size,
-           "seed": args.seed, "synthetic_count": len(sets["synthetic"][1])}
+           "seed": args.seed, "synthetic_count": len(sets["synthetic"][1]), "synthetic_sha256": digest}
     if args.features_cache and args.features_cache.exists():
         cached = torch.load(args.features_cache)
         if cached.get("key") == key:
